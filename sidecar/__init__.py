@@ -1,0 +1,3 @@
+"""PrestaShop Billing entitlement sidecar."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,131 @@
+"""Authenticate a webhook request: Standard Webhooks (Svix) signatures or Basic.
+
+A request passes when any configured method accepts it. Signatures are checked
+on the raw body bytes, before anything parses them, with the `standardwebhooks`
+library; every comparison is constant-time.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from .settings import Secrets
+
+SIGNATURE_HEADERS = ("id", "timestamp", "signature")
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    """The outcome of authentication; `signed_timestamp` is set only by a signature."""
+
+    ok: bool
+    method: str  # 'signature', 'basic' or 'none'
+    reason: str = ""
+    signed_timestamp: int | None = None
+
+
+class Authenticator:
+    """Checks requests against the secrets loaded at start-up."""
+
+    def __init__(self, secrets: Secrets) -> None:
+        self._verifiers = [Webhook(key) for key in secrets.signing_keys]
+        self._basic_tokens = secrets.basic_tokens
+
+    @property
+    def required(self) -> bool:
+        return bool(self._verifiers or self._basic_tokens)
+
+    def check(self, headers: Mapping[str, str], body: bytes) -> AuthResult:
+        """Accept the request if any configured method does."""
+        if not self.required:
+            return AuthResult(ok=True, method="none")
+
+        signature_headers = signature_headers_of(headers)
+        authorization = headers.get("Authorization")
+        failures: list[AuthResult] = []
+
+        if self._verifiers and signature_headers is not None:
+            result = self._check_signature(signature_headers, body)
+            if result.ok:
+                return result
+            failures.append(result)
+
+        if self._basic_tokens and authorization is not None:
+            result = self._check_basic(authorization)
+            if result.ok:
+                return result
+            failures.append(result)
+
+        if failures:
+            return failures[0]
+        return AuthResult(ok=False, method="none", reason=self._what_is_expected())
+
+    def _check_signature(self, sig_headers: dict[str, str], body: bytes) -> AuthResult:
+        reason = "no signature matches a configured secret"
+        for verifier in self._verifiers:
+            try:
+                verifier.verify(body, sig_headers, json_parse=False)
+            except WebhookVerificationError as exc:
+                reason = _signature_reason(str(exc))
+                if reason != "no signature matches a configured secret":
+                    # Header and timestamp problems do not depend on the secret.
+                    break
+                continue
+            timestamp = int(float(sig_headers["webhook-timestamp"]))
+            return AuthResult(ok=True, method="signature", signed_timestamp=timestamp)
+        return AuthResult(ok=False, method="signature", reason=reason)
+
+    def _check_basic(self, authorization: str) -> AuthResult:
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "basic" or not token.strip():
+            return AuthResult(
+                ok=False, method="basic", reason="Authorization must be Basic <token>"
+            )
+        presented = token.strip().encode("utf-8", "surrogateescape")
+        matched = False
+        # Compare against every token so the time taken does not tell which one
+        # was close.
+        for accepted in self._basic_tokens:
+            matched |= hmac.compare_digest(presented, accepted)
+        if matched:
+            return AuthResult(ok=True, method="basic")
+        return AuthResult(ok=False, method="basic", reason="basic credentials rejected")
+
+    def _what_is_expected(self) -> str:
+        wanted = []
+        if self._verifiers:
+            wanted.append("webhook-id, webhook-timestamp and webhook-signature headers")
+        if self._basic_tokens:
+            wanted.append("an Authorization: Basic header")
+        return "missing authentication: expected " + " or ".join(wanted)
+
+
+def signature_headers_of(headers: Mapping[str, str]) -> dict[str, str] | None:
+    """Return the three signature headers under `webhook-` names, or None.
+
+    Svix sends the same headers with an `svix-` prefix; either set is accepted.
+    """
+    for prefix in ("webhook-", "svix-"):
+        values = {name: headers.get(prefix + name) for name in SIGNATURE_HEADERS}
+        if any(value is not None for value in values.values()):
+            return {"webhook-" + name: value or "" for name, value in values.items()}
+    return None
+
+
+def delivery_id_header(headers: Mapping[str, str]) -> str | None:
+    return headers.get("webhook-id") or headers.get("svix-id")
+
+
+def _signature_reason(message: str) -> str:
+    lowered = message.lower()
+    if "too old" in lowered or "too new" in lowered:
+        return "webhook-timestamp is more than 5 minutes from the server clock"
+    if "missing" in lowered:
+        return "webhook-id, webhook-timestamp and webhook-signature are all required"
+    if "invalid" in lowered:
+        return "webhook-timestamp must be UNIX seconds"
+    return "no signature matches a configured secret"

@@ -1,0 +1,71 @@
+"""Named loggers and the two log formats.
+
+Under systemd (JOURNAL_STREAM is set) lines carry no timestamp of their own,
+since journald adds one, and start with a `<N>` syslog priority so journald
+records the right level. JSON lines suit log shippers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+webhook = logging.getLogger("sidecar.webhook")
+lookup = logging.getLogger("sidecar.lookup")
+server = logging.getLogger("sidecar.server")
+
+_SYSLOG_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
+        return f"<{priority}>{record.name}: {super().format(record)}"
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, with_time: bool) -> None:
+        super().__init__()
+        self._with_time = with_time
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if self._with_time:
+            line["time"] = self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z")
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, separators=(",", ":"))
+
+
+def configure(log_format: str, level: str) -> None:
+    """Send the sidecar's logs to stderr in the chosen format."""
+    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
+    handler = logging.StreamHandler(sys.stderr)
+    formatter: logging.Formatter
+    if log_format == "json":
+        formatter = JsonFormatter(with_time=not under_journal)
+    elif under_journal:
+        formatter = JournalFormatter("%(message)s")
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    root = logging.getLogger("sidecar")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+    # aiohttp's access log would print every lookup; the sidecar logs its own
+    # one line per delivery instead.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

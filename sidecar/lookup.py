@@ -1,0 +1,82 @@
+"""The lookup listener: entitlement answers for local module code, and ops routes."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import log
+from .app import SIDECAR, Sidecar, error_response, json_errors, json_response
+from .entitlement import answer, evaluate, unknown_shop_answer
+from .settings import PRODUCT_PATTERN, SHOP_ID_PATTERN
+from .storage import read_entitlement
+
+
+async def entitlement(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    started = time.perf_counter()
+    shop_id = request.match_info["shop"]
+    product = request.query.get("product", sidecar.settings.product)
+
+    if not SHOP_ID_PATTERN.fullmatch(shop_id):
+        sidecar.metrics.lookups.labels("bad_request").inc()
+        return error_response(400, "a shop id is 1 to 64 characters of A-Z a-z 0-9 _ -")
+    if not PRODUCT_PATTERN.fullmatch(product):
+        sidecar.metrics.lookups.labels("bad_request").inc()
+        return error_response(
+            400, "a product is 1 to 64 characters of A-Z a-z 0-9 _ . -"
+        )
+
+    try:
+        row = read_entitlement(sidecar.reader, shop_id, product)
+    except sqlite3.Error as exc:
+        sidecar.metrics.lookups.labels("unavailable").inc()
+        log.lookup.error("lookup failed: %s", exc)
+        return error_response(503, "storage unavailable", {"Retry-After": "1"})
+
+    if row is None:
+        status, payload = 404, unknown_shop_answer(shop_id)
+    else:
+        verdict = evaluate(row, sidecar.clock(), sidecar.settings.grace_seconds)
+        status, payload = 200, answer(row, verdict)
+
+    result = str(payload["reason"])
+    sidecar.metrics.lookups.labels(result).inc()
+    sidecar.metrics.lookup_seconds.observe(time.perf_counter() - started)
+    if sidecar.settings.log_lookups:
+        log.lookup.info("lookup shop=%s product=%s reason=%s", shop_id, product, result)
+    return json_response(payload, status)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[SIDECAR].ready:
+        return json_response({"status": "ready"})
+    return error_response(503, "starting")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    await sidecar.refresh_storage_gauges()
+    return web.Response(
+        body=generate_latest(sidecar.metrics.registry),
+        headers={"Content-Type": CONTENT_TYPE_LATEST},
+    )
+
+
+def create_app(sidecar: Sidecar) -> web.Application:
+    app = web.Application(middlewares=[json_errors])
+    app[SIDECAR] = sidecar
+    # `.*` so that an empty id or one with a slash reaches the handler and gets
+    # a 400 that says what a shop id is, rather than a bare 404.
+    app.router.add_get("/entitlement/{shop:.*}", entitlement)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,79 @@
+"""Create the schema, or upgrade an existing database to it, in one transaction.
+
+`schema.sql` always describes the newest schema and is applied as a whole to a
+new database. An existing database records its version in PRAGMA user_version;
+each step in MIGRATIONS takes it from one version to the next, and all pending
+steps run in one transaction, so an upgrade is applied entirely or not at all.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+Migration = Callable[[sqlite3.Connection], None]
+
+# Version n+1 is reached by MIGRATIONS[n]. Add a step here, and the same
+# change to schema.sql, whenever the schema changes.
+MIGRATIONS: dict[int, Migration] = {}
+SCHEMA_VERSION = 1 + len(MIGRATIONS)
+
+
+class SchemaError(RuntimeError):
+    """The database's schema is newer than this program understands."""
+
+
+def schema_sql() -> str:
+    """Read schema.sql from the installed package, or from the source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "schema.sql", here.parent / "schema.sql"):
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
+    raise FileNotFoundError("schema.sql is missing from the installation")
+
+
+def migrate(
+    conn: sqlite3.Connection,
+    migrations: dict[int, Migration] | None = None,
+    schema: str | None = None,
+) -> int:
+    """Bring the database to the newest version and return that version."""
+    steps = MIGRATIONS if migrations is None else migrations
+    target = 1 + len(steps)
+    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if current == target:
+        return current
+    if current > target:
+        raise SchemaError(
+            f"the database is at schema version {current}, but this program only"
+            f" knows up to {target}: upgrade the program, or restore a backup"
+        )
+
+    # The connection runs in autocommit mode; this transaction wraps every step.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if current == 0:
+            for statement in _statements(schema or schema_sql()):
+                conn.execute(statement)
+        else:
+            for version in range(current, target):
+                steps[version](conn)
+        conn.execute(f"PRAGMA user_version = {int(target)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return target
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script on complete statements (executescript would commit)."""
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            if pending.strip():
+                statements.append(pending)
+            pending = ""
+    return statements

@@ -1,0 +1,149 @@
+"""Start and stop the sidecar: storage, both listeners, and systemd signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sqlite3
+import stat
+import time
+
+from aiohttp import web
+
+from . import log, lookup, systemd, webhook
+from .app import Sidecar
+from .maintenance import Maintenance
+from .settings import Listen, Secrets, Settings
+from .storage import Writer, connect
+from .types import Clock
+
+
+class Server:
+    """Both listeners and the storage behind them, started and stopped together."""
+
+    def __init__(
+        self, settings: Settings, secrets: Secrets, clock: Clock = time.time
+    ) -> None:
+        self.settings = settings
+        self.secrets = secrets
+        self.clock = clock
+        self.sidecar: Sidecar | None = None
+        self._runners: list[web.AppRunner] = []
+        self._reader: sqlite3.Connection | None = None
+        self._writer: Writer | None = None
+        self._maintenance: Maintenance | None = None
+
+    async def start(self) -> None:
+        """Open the database, then bind both listeners; raise if either fails."""
+        settings = self.settings
+        # The writer creates and migrates the database before anything reads it.
+        self._writer = Writer(settings.db, settings.busy_timeout_ms)
+        await self._writer.start()
+        self._reader = connect(settings.db, settings.busy_timeout_ms)
+        self._maintenance = Maintenance(
+            settings.db, settings.busy_timeout_ms, settings.retention_days, self.clock
+        )
+        await self._maintenance.start()
+        self.sidecar = Sidecar(
+            settings=settings,
+            secrets=self.secrets,
+            writer=self._writer,
+            reader=self._reader,
+            maintenance=self._maintenance,
+            clock=self.clock,
+        )
+
+        await self._listen(webhook.create_app(self.sidecar), settings.webhook_bind)
+        await self._listen(lookup.create_app(self.sidecar), settings.lookup_bind)
+        self.sidecar.ready = True
+
+    async def _listen(self, app: web.Application, bind: Listen) -> None:
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=self.settings.shutdown_timeout_seconds,
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        site: web.BaseSite
+        if bind.is_unix:
+            _remove_stale_socket(bind.path)
+            site = web.UnixSite(runner, bind.path)
+        else:
+            site = web.TCPSite(runner, bind.host, bind.port)
+        await site.start()
+        if bind.is_unix:
+            # Who may connect is decided by the directory the socket sits in.
+            os.chmod(bind.path, 0o666)
+
+    def address(self, index: int) -> str:
+        """The bound address of listener `index` (0 webhook, 1 lookup)."""
+        sockname = self._runners[index].addresses[0]
+        if isinstance(sockname, str):
+            return f"unix:{sockname}"
+        host, port = sockname[0], sockname[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight requests, commit, close; idempotent."""
+        if self.sidecar is not None:
+            self.sidecar.ready = False
+        runners, self._runners = self._runners, []
+        await asyncio.gather(*(runner.cleanup() for runner in runners))
+        if self._maintenance is not None:
+            await self._maintenance.close()
+        if self._writer is not None:
+            await self._writer.close()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def _remove_stale_socket(path: str) -> None:
+    # A socket left by a killed process would make the bind fail; anything
+    # that is not a socket is left alone, and the bind reports it.
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+
+
+async def serve(settings: Settings, secrets: Secrets, warnings: list[str]) -> int:
+    """Run until SIGTERM or SIGINT; return the process exit code."""
+    for warning in warnings:
+        log.server.warning("%s", warning)
+
+    server = Server(settings, secrets)
+    try:
+        await server.start()
+    except (OSError, sqlite3.Error) as exc:
+        log.server.error("cannot start: %s", exc)
+        await server.stop()
+        return 1
+
+    log.server.info(
+        "listening for webhooks on %s and lookups on %s, database %s",
+        server.address(0),
+        server.address(1),
+        settings.db,
+    )
+    systemd.notify("READY=1")
+    watchdog = None
+    interval = systemd.watchdog_interval()
+    if interval is not None:
+        watchdog = asyncio.create_task(systemd.ping_watchdog(interval))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+    log.server.info("stopping: finishing requests in flight")
+    systemd.notify("STOPPING=1")
+    if watchdog is not None:
+        watchdog.cancel()
+    await server.stop()
+    log.server.info("stopped")
+    return 0

@@ -1,0 +1,320 @@
+"""The SQLite database: durable writes through one writer, fast reads on the loop.
+
+Writes go through one connection on one thread. Deliveries that arrive while a
+commit is in progress wait in a queue and are committed together in the next
+transaction (group commit): each request is still answered only after the
+commit that holds it, but concurrent deliveries share one fsync. Lookups are
+primary-key reads that take microseconds, less than handing them to a thread,
+so they run on the event loop with a connection of their own; WAL mode keeps
+them from ever waiting for the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .entitlement import StoredEntitlement
+from .events import Event, Kind
+from .migrations import migrate
+
+T = TypeVar("T")
+Job = Callable[[sqlite3.Connection], Any]
+
+# At most this many queued writes share one transaction.
+MAX_BATCH = 512
+# Queued after the last write by Writer.close.
+_STOP = object()
+
+log = logging.getLogger("sidecar.storage")
+
+
+class StorageUnavailable(Exception):
+    """The database cannot take the write or read now: disk full, locked, I/O."""
+
+
+def connect(path: str, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """Open the database in autocommit mode with the durability settings."""
+    conn = sqlite3.connect(
+        path,
+        timeout=busy_timeout_ms / 1000,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    # FULL syncs the WAL on every commit, so an acknowledged delivery survives
+    # power loss, not only a crash of the process.
+    conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def open_database(path: str, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """Open the database and bring its schema up to date."""
+    conn = connect(path, busy_timeout_ms)
+    try:
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """An authenticated delivery, ready to be recorded."""
+
+    delivery_id: str
+    received_at: int
+    source: str
+    event: Event
+    # Ordering key when the body carries neither resource_version nor
+    # updated_at: the signed webhook-timestamp, else the time of receipt (ms).
+    fallback_version: int
+    body: bytes | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: str  # 'applied', 'stale', 'duplicate' or 'ignored'
+    version: int | None = None
+
+
+def event_version(event: Event, fallback_version: int) -> int | None:
+    """The ordering key of an event, in milliseconds."""
+    if event.subscription is not None:
+        sub = event.subscription
+        if sub.resource_version is not None:
+            return sub.resource_version
+        if sub.updated_at is not None:
+            return sub.updated_at * 1000
+        return fallback_version
+    if event.customer is not None:
+        if event.customer.resource_version is not None:
+            return event.customer.resource_version
+        return fallback_version
+    return None
+
+
+def record_delivery(conn: sqlite3.Connection, delivery: Delivery) -> Outcome:
+    """Record one delivery and apply it; call inside a transaction."""
+    seen = conn.execute(
+        "SELECT 1 FROM deliveries WHERE delivery_id = ?", (delivery.delivery_id,)
+    ).fetchone()
+    if seen:
+        return Outcome("duplicate")
+
+    event = delivery.event
+    version = event_version(event, delivery.fallback_version)
+    result = "ignored"
+    if event.kind is not Kind.IGNORED:
+        assert version is not None
+        changed = apply_event(conn, event, version, delivery.delivery_id)
+        result = "applied" if changed else "stale"
+
+    sub = event.subscription
+    conn.execute(
+        "INSERT INTO deliveries (delivery_id, received_at, source, event_type, kind,"
+        " result, shop_id, product, version, plan, status, trial_end,"
+        " current_term_end, updated_at, customer_deleted, body)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            delivery.delivery_id,
+            delivery.received_at,
+            delivery.source,
+            event.event_type,
+            event.kind.value,
+            result,
+            event.shop_id,
+            event.product,
+            version,
+            sub.plan if sub else None,
+            sub.status if sub else None,
+            sub.trial_end if sub else None,
+            sub.current_term_end if sub else None,
+            sub.updated_at if sub else None,
+            int(event.customer.deleted) if event.customer else None,
+            delivery.body,
+        ),
+    )
+    return Outcome(result, version)
+
+
+def apply_event(
+    conn: sqlite3.Connection, event: Event, version: int, delivery_id: str
+) -> bool:
+    """Write the event's state if it is newer than the stored one."""
+    if event.subscription is not None:
+        sub = event.subscription
+        cursor = conn.execute(
+            "INSERT INTO entitlements (shop_id, product, plan, status, trial_end,"
+            " current_term_end, updated_at, version, delivery_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (shop_id, product) DO UPDATE SET"
+            " plan = excluded.plan, status = excluded.status,"
+            " trial_end = excluded.trial_end,"
+            " current_term_end = excluded.current_term_end,"
+            " updated_at = excluded.updated_at, version = excluded.version,"
+            " delivery_id = excluded.delivery_id"
+            " WHERE excluded.version > entitlements.version",
+            (
+                event.shop_id,
+                event.product,
+                sub.plan,
+                sub.status,
+                sub.trial_end,
+                sub.current_term_end,
+                sub.updated_at,
+                version,
+                delivery_id,
+            ),
+        )
+        return cursor.rowcount > 0
+
+    assert event.customer is not None
+    cursor = conn.execute(
+        "INSERT INTO customers (shop_id, deleted, version, delivery_id)"
+        " VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (shop_id) DO UPDATE SET deleted = excluded.deleted,"
+        " version = excluded.version, delivery_id = excluded.delivery_id"
+        " WHERE excluded.version > customers.version",
+        (event.shop_id, int(event.customer.deleted), version, delivery_id),
+    )
+    return cursor.rowcount > 0
+
+
+def record_quarantine(
+    conn: sqlite3.Connection,
+    delivery_id: str,
+    received_at: int,
+    status: int,
+    reason: str,
+    body: bytes,
+) -> None:
+    """Keep a refused body for the operator; a retry of it updates the row."""
+    conn.execute(
+        "INSERT INTO quarantine (delivery_id, first_seen_at, last_seen_at, attempts,"
+        " status, reason, body) VALUES (?, ?, ?, 1, ?, ?, ?)"
+        " ON CONFLICT (delivery_id) DO UPDATE SET last_seen_at = excluded.last_seen_at,"
+        " attempts = attempts + 1, status = excluded.status, reason = excluded.reason",
+        (delivery_id, received_at, received_at, status, reason, body),
+    )
+
+
+_LOOKUP_SQL = (
+    "SELECT e.plan, e.status, e.trial_end, e.current_term_end, e.updated_at,"
+    " coalesce(c.deleted, 0)"
+    " FROM entitlements AS e LEFT JOIN customers AS c ON c.shop_id = e.shop_id"
+    " WHERE e.shop_id = ? AND e.product = ?"
+)
+
+
+def read_entitlement(
+    conn: sqlite3.Connection, shop_id: str, product: str
+) -> StoredEntitlement | None:
+    row = conn.execute(_LOOKUP_SQL, (shop_id, product)).fetchone()
+    if row is None:
+        return None
+    plan, status, trial_end, current_term_end, updated_at, deleted = row
+    return StoredEntitlement(
+        shop_id=shop_id,
+        product=product,
+        plan=plan,
+        status=status,
+        trial_end=trial_end,
+        current_term_end=current_term_end,
+        updated_at=updated_at,
+        customer_deleted=bool(deleted),
+    )
+
+
+class Writer:
+    """Serialises every write through one connection, committing in batches."""
+
+    def __init__(self, path: str, busy_timeout_ms: int) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._conn: sqlite3.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._conn = await loop.run_in_executor(
+            self._executor, open_database, self._path, self._busy_timeout_ms
+        )
+        self._task = asyncio.create_task(self._run(), name="sqlite-writer")
+
+    async def submit(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `job` inside a committed transaction; raise StorageUnavailable."""
+        if self._task is None:
+            raise StorageUnavailable("the database writer is not running")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((job, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < MAX_BATCH:
+                batch.append(self._queue.get_nowait())
+            stopping = batch[-1] is _STOP
+            batch = [item for item in batch if item is not _STOP]
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._commit, [job for job, _ in batch]
+                )
+            except Exception as exc:
+                if not isinstance(exc, sqlite3.Error):
+                    log.exception("unexpected error in the database writer")
+                error = StorageUnavailable(_describe_sqlite_error(exc))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+    def _commit(self, jobs: list[Job]) -> list[Any]:
+        conn = self._conn
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = [job(conn) for job in jobs]
+            conn.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT may already have rolled back; ROLLBACK then fails
+            # with "no transaction is active", which is harmless.
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        return results
+
+    async def close(self) -> None:
+        """Commit what is queued, then close the connection; safe to call twice."""
+        if self._task is not None:
+            task, self._task = self._task, None
+            self._queue.put_nowait(_STOP)
+            await task
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+        self._executor.shutdown(wait=True)
+
+
+def _describe_sqlite_error(exc: Exception) -> str:
+    # sqlite3 messages name the condition ("database or disk is full",
+    # "database is locked") and never the data, so they are safe to log.
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,175 @@
+"""The webhook listener: authenticate, parse, record, answer.
+
+Checks run in a fixed order (size, authentication, JSON, event type, shop id),
+and nothing is answered 2xx before the database has committed it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from typing import Any
+
+from aiohttp import web
+
+from . import log
+from .app import SIDECAR, Sidecar, error_response, json_errors, json_response
+from .auth import delivery_id_header
+from .events import Event, EventError, parse_event
+from .storage import (
+    Delivery,
+    StorageUnavailable,
+    record_delivery,
+    record_quarantine,
+)
+
+# Delivery ids become log fields and database keys: printable ASCII, no spaces.
+_DELIVERY_ID = re.compile(r"[\x21-\x7e]{1,200}")
+RETRY_AFTER_S = "5"
+
+
+async def receive(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    started = time.perf_counter()
+    received_at = int(sidecar.clock())
+
+    limit = sidecar.settings.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return _too_large(request, limit)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _too_large(request, limit)
+
+    auth = sidecar.authenticator.check(request.headers, body)
+    if not auth.ok:
+        sidecar.metrics.auth_failures.labels(auth.method).inc()
+        log.webhook.warning("refused a delivery: %s", auth.reason)
+        return error_response(401, auth.reason)
+
+    delivery_id = delivery_id_header(request.headers)
+    if delivery_id is None:
+        delivery_id = hashlib.sha256(body).hexdigest()
+    elif not _DELIVERY_ID.fullmatch(delivery_id):
+        return await _quarantine(
+            sidecar,
+            hashlib.sha256(body).hexdigest(),
+            received_at,
+            400,
+            "webhook-id must be 1 to 200 printable ASCII characters",
+            body,
+        )
+
+    try:
+        event = parse_event(
+            _decode(body),
+            request.match_info.get("event_type"),
+            sidecar.settings.product,
+        )
+    except EventError as exc:
+        return await _quarantine(
+            sidecar, delivery_id, received_at, exc.status, exc.reason, body
+        )
+
+    delivery = Delivery(
+        delivery_id=delivery_id,
+        received_at=received_at,
+        source="webhook",
+        event=event,
+        fallback_version=_fallback_version(auth.signed_timestamp, sidecar),
+        body=body,
+    )
+    try:
+        outcome = await sidecar.writer.submit(
+            lambda conn: record_delivery(conn, delivery)
+        )
+    except StorageUnavailable as exc:
+        log.webhook.error("delivery %s not stored: %s", delivery_id, exc)
+        return error_response(
+            503, "storage unavailable; retry later", {"Retry-After": RETRY_AFTER_S}
+        )
+
+    if outcome.result == "applied":
+        sidecar.metrics.last_applied.set(sidecar.clock())
+    sidecar.metrics.count_delivery(event.event_type, outcome.result)
+    _log_delivery(delivery_id, event, outcome.result, started)
+    return json_response({"result": outcome.result, "delivery_id": delivery_id})
+
+
+def _decode(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        # ValueError covers invalid UTF-8 as well as invalid JSON.
+        raise EventError(400, "the body is not valid JSON") from None
+
+
+def _fallback_version(signed_timestamp: int | None, sidecar: Sidecar) -> int:
+    if signed_timestamp is not None:
+        return signed_timestamp * 1000
+    return int(sidecar.clock() * 1000)
+
+
+async def _quarantine(
+    sidecar: Sidecar,
+    delivery_id: str,
+    received_at: int,
+    status: int,
+    reason: str,
+    body: bytes,
+) -> web.Response:
+    try:
+        await sidecar.writer.submit(
+            lambda conn: record_quarantine(
+                conn, delivery_id, received_at, status, reason, body
+            )
+        )
+    except StorageUnavailable as exc:
+        log.webhook.error("refused delivery %s not kept: %s", delivery_id, exc)
+        return error_response(
+            503, "storage unavailable; retry later", {"Retry-After": RETRY_AFTER_S}
+        )
+    sidecar.metrics.count_delivery("other", f"rejected_{status}")
+    log.webhook.warning("quarantined delivery %s: %s", delivery_id, reason)
+    return error_response(status, reason)
+
+
+def _too_large(request: web.Request, limit: int) -> web.Response:
+    request.app[SIDECAR].metrics.count_delivery("other", "rejected_413")
+    log.webhook.warning("refused a delivery larger than %d bytes", limit)
+    return error_response(413, f"the body is larger than {limit} bytes")
+
+
+def _log_delivery(delivery_id: str, event: Event, result: str, started: float) -> None:
+    duration_ms = (time.perf_counter() - started) * 1000
+    log.webhook.info(
+        "delivery %s type=%s shop=%s product=%s result=%s duration_ms=%.1f",
+        delivery_id,
+        event.event_type,
+        event.shop_id or "-",
+        event.product or "-",
+        result,
+        duration_ms,
+        extra={
+            "fields": {
+                "delivery_id": delivery_id,
+                "event_type": event.event_type,
+                "shop_id": event.shop_id,
+                "product": event.product,
+                "result": result,
+                "duration_ms": round(duration_ms, 2),
+            }
+        },
+    )
+
+
+def create_app(sidecar: Sidecar) -> web.Application:
+    app = web.Application(
+        client_max_size=sidecar.settings.max_body_bytes, middlewares=[json_errors]
+    )
+    app[SIDECAR] = sidecar
+    app.router.add_post("/webhooks", receive)
+    app.router.add_post("/webhooks/{event_type}", receive)
+    return app
