@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import log
 from .app import SIDECAR, Sidecar, error_response, json_errors, json_response
 from .entitlement import answer, evaluate, unknown_shop_answer
+from .resources import read_resource
 from .settings import PRODUCT_PATTERN, SHOP_ID_PATTERN
 from .storage import read_entitlement
 
@@ -70,6 +71,12 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(
+        text=read_resource("openapi.yaml"), content_type="application/yaml"
+    )
+
+
 def create_app(sidecar: Sidecar) -> web.Application:
     app = web.Application(middlewares=[json_errors])
     app[SIDECAR] = sidecar
@@ -79,4 +86,5 @@ def create_app(sidecar: Sidecar) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.yaml", openapi)
     return app

@@ -20,7 +20,7 @@ from .events import CUSTOMER_EVENTS, SUBSCRIPTION_EVENTS
 KNOWN_EVENT_TYPES = SUBSCRIPTION_EVENTS | CUSTOMER_EVENTS
 
 # The *_created series only double the size of every scrape.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:

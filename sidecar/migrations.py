@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from pathlib import Path
+
+from .resources import read_resource
 
 Migration = Callable[[sqlite3.Connection], None]
 
@@ -22,15 +23,6 @@ SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 class SchemaError(RuntimeError):
     """The database's schema is newer than this program understands."""
-
-
-def schema_sql() -> str:
-    """Read schema.sql from the installed package, or from the source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "schema.sql", here.parent / "schema.sql"):
-        if candidate.is_file():
-            return candidate.read_text(encoding="utf-8")
-    raise FileNotFoundError("schema.sql is missing from the installation")
 
 
 def migrate(
@@ -54,7 +46,7 @@ def migrate(
     conn.execute("BEGIN IMMEDIATE")
     try:
         if current == 0:
-            for statement in _statements(schema or schema_sql()):
+            for statement in _statements(schema or read_resource("schema.sql")):
                 conn.execute(statement)
         else:
             for version in range(current, target):
