@@ -64,6 +64,9 @@ class Server:
             app,
             access_log=None,
             shutdown_timeout=self.settings.shutdown_timeout_seconds,
+            # Also closes a connection whose request headers trickle in slower
+            # than this, so slow clients cannot pile up.
+            keepalive_timeout=self.settings.read_timeout_seconds,
         )
         await runner.setup()
         self._runners.append(runner)

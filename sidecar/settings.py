@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
     busy_timeout_ms: int = Field(default=5000, ge=0)
     shutdown_timeout_seconds: float = Field(default=10.0, gt=0)
+    read_timeout_seconds: float = Field(default=15.0, gt=0)
+    max_webhook_connections: int = Field(default=64, ge=1)
     log_format: str = Field(default="plain", pattern=r"^(plain|json)$")
     log_level: str = Field(
         default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|debug|info|warning|error)$"

@@ -6,6 +6,7 @@ and nothing is answered 2xx before the database has committed it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -13,9 +14,17 @@ import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from . import log
-from .app import SIDECAR, Sidecar, error_response, json_errors, json_response
+from .app import (
+    SIDECAR,
+    Handler,
+    Sidecar,
+    error_response,
+    json_errors,
+    json_response,
+)
 from .auth import delivery_id_header
 from .events import Event, EventError, parse_event
 from .storage import (
@@ -39,9 +48,13 @@ async def receive(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > limit:
         return _too_large(request, limit)
     try:
-        body = await request.read()
+        async with asyncio.timeout(sidecar.settings.read_timeout_seconds):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return _too_large(request, limit)
+    except TimeoutError:
+        log.webhook.warning("refused a delivery whose body arrived too slowly")
+        return error_response(408, "the body did not arrive in time")
 
     auth = sidecar.authenticator.check(request.headers, body)
     if not auth.ok:
@@ -165,9 +178,38 @@ def _log_delivery(delivery_id: str, event: Event, result: str, started: float) -
     )
 
 
+def connection_cap(limit: int) -> Middleware:
+    """Answer 503 at once when `limit` deliveries are already being handled.
+
+    Each request in progress holds a connection; capping them keeps a flood of
+    slow senders from tying up memory and the writer queue. Connections that
+    have not finished sending their headers are closed by the keep-alive
+    timeout instead.
+    """
+    in_progress = 0
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal in_progress
+        if in_progress >= limit:
+            log.webhook.warning("refused a delivery: %d already in progress", limit)
+            return error_response(
+                503, "too many deliveries in progress", {"Retry-After": RETRY_AFTER_S}
+            )
+        in_progress += 1
+        try:
+            return await handler(request)
+        finally:
+            in_progress -= 1
+
+    return middleware
+
+
 def create_app(sidecar: Sidecar) -> web.Application:
+    settings = sidecar.settings
     app = web.Application(
-        client_max_size=sidecar.settings.max_body_bytes, middlewares=[json_errors]
+        client_max_size=settings.max_body_bytes,
+        middlewares=[json_errors, connection_cap(settings.max_webhook_connections)],
     )
     app[SIDECAR] = sidecar
     app.router.add_post("/webhooks", receive)
