@@ -16,6 +16,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from .settings import Secrets
 
 SIGNATURE_HEADERS = ("id", "timestamp", "signature")
+_NO_MATCH = "no signature matches a configured secret"
+_BAD_TIMESTAMP = "webhook-timestamp must be UNIX seconds"
 
 
 @dataclass(frozen=True)
@@ -65,18 +67,26 @@ class Authenticator:
         return AuthResult(ok=False, method="none", reason=self._what_is_expected())
 
     def _check_signature(self, sig_headers: dict[str, str], body: bytes) -> AuthResult:
-        reason = "no signature matches a configured secret"
+        # The library reads the timestamp as a float and signs its whole part,
+        # so "1700000000.9" would verify against a signature over "1700000000":
+        # only plain digits are the text that was signed.
+        timestamp = sig_headers["webhook-timestamp"]
+        if timestamp and not (timestamp.isascii() and timestamp.isdigit()):
+            return AuthResult(ok=False, method="signature", reason=_BAD_TIMESTAMP)
+
+        reason = _NO_MATCH
         for verifier in self._verifiers:
             try:
                 verifier.verify(body, sig_headers, json_parse=False)
             except WebhookVerificationError as exc:
                 reason = _signature_reason(str(exc))
-                if reason != "no signature matches a configured secret":
+                if reason != _NO_MATCH:
                     # Header and timestamp problems do not depend on the secret.
                     break
                 continue
-            timestamp = int(float(sig_headers["webhook-timestamp"]))
-            return AuthResult(ok=True, method="signature", signed_timestamp=timestamp)
+            return AuthResult(
+                ok=True, method="signature", signed_timestamp=int(timestamp)
+            )
         return AuthResult(ok=False, method="signature", reason=reason)
 
     def _check_basic(self, authorization: str) -> AuthResult:
@@ -117,7 +127,12 @@ def signature_headers_of(headers: Mapping[str, str]) -> dict[str, str] | None:
 
 
 def delivery_id_header(headers: Mapping[str, str]) -> str | None:
-    return headers.get("webhook-id") or headers.get("svix-id")
+    """Return the sender's delivery id; an empty header is returned, to be refused."""
+    for name in ("webhook-id", "svix-id"):
+        value = headers.get(name)
+        if value is not None:
+            return value
+    return None
 
 
 def _signature_reason(message: str) -> str:
@@ -127,5 +142,5 @@ def _signature_reason(message: str) -> str:
     if "missing" in lowered:
         return "webhook-id, webhook-timestamp and webhook-signature are all required"
     if "invalid" in lowered:
-        return "webhook-timestamp must be UNIX seconds"
-    return "no signature matches a configured secret"
+        return _BAD_TIMESTAMP
+    return _NO_MATCH

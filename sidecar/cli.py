@@ -148,11 +148,12 @@ def _lookup(settings: Settings, args: argparse.Namespace) -> int:
     conn = _open_existing(settings)
     row = read_entitlement(conn, args.shop_id, settings.product)
     conn.close()
+    # The same compact JSON the lookup listener sends, so scripts can use either.
     if row is None:
-        print(json.dumps(unknown_shop_answer(args.shop_id)))
+        print(json.dumps(unknown_shop_answer(args.shop_id), separators=(",", ":")))
         return EXIT_FAILURE
     verdict = evaluate(row, time.time(), settings.grace_seconds)
-    print(json.dumps(answer(row, verdict)))
+    print(json.dumps(answer(row, verdict), separators=(",", ":")))
     return EXIT_OK
 
 
@@ -221,7 +222,15 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
 def _send(settings: Settings, args: argparse.Namespace) -> int:
     from standardwebhooks.webhooks import Webhook
 
-    body = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    try:
+        body = (
+            sys.stdin.buffer.read()
+            if args.file == "-"
+            else Path(args.file).read_bytes()
+        )
+    except OSError as exc:
+        print(f"cannot read {args.file!r}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     secrets = load_secrets(settings)
     headers = {"Content-Type": "application/json"}
     delivery_id = args.delivery_id or f"msg_{uuid.uuid4().hex}"

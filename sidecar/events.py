@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, TypeGuard
 
 from .settings import PRODUCT_PATTERN, SHOP_ID_PATTERN
 
@@ -111,12 +111,20 @@ def parse_event(body: Any, url_event_type: str | None, default_product: str) -> 
     if not isinstance(body, dict):
         raise EventError(400, "the body must be a JSON object")
 
-    if "eventType" in body or "data" in body:
+    # The event type is checked before anything else in the body, so an event
+    # the sidecar does not act on is ignored whatever else it carries.
+    envelope = "eventType" in body or "data" in body
+    raw_type = body.get("eventType" if envelope else "event_type", url_event_type)
+    event_type = _event_type(raw_type)
+    kind = event_kind(event_type)
+    if kind is Kind.IGNORED:
+        return Event(event_type=event_type, kind=kind)
+
+    if envelope:
         data = body.get("data")
         if not isinstance(data, dict):
             raise EventError(422, "data must be an object")
-        raw_type = body.get("eventType", url_event_type)
-        customer = _object(data, "customer")
+        customer = _object(data, "customer", "data.")
         shop_id = _first_present(
             ("data.shopId", data.get("shopId")),
             ("data.customer.cf_shop_id", (customer or {}).get("cf_shop_id")),
@@ -126,23 +134,13 @@ def parse_event(body: Any, url_event_type: str | None, default_product: str) -> 
         container = data
         prefix = "data."
     else:
-        raw_type = body.get("event_type", url_event_type)
-        customer = _object(body, "customer")
+        customer = _object(body, "customer", "")
         shop_id = _first_present(
             ("customer.ps_shop_id", (customer or {}).get("ps_shop_id")),
         )
         module_id = None
         container = body
         prefix = ""
-
-    if raw_type is None:
-        raise EventError(422, "no event type: send eventType, or POST /webhooks/<type>")
-    if not isinstance(raw_type, str) or not _EVENT_NAME.fullmatch(raw_type.strip()):
-        raise EventError(422, "the event type must be 1 to 200 printable characters")
-    event_type = normalise_event_type(raw_type)
-    kind = event_kind(event_type)
-    if kind is Kind.IGNORED:
-        return Event(event_type=event_type, kind=kind)
 
     if shop_id is None:
         raise EventError(422, "no shop id: expected data.shopId or customer.ps_shop_id")
@@ -157,7 +155,7 @@ def parse_event(body: Any, url_event_type: str | None, default_product: str) -> 
             customer=_customer_state(customer, prefix + "customer"),
         )
 
-    subscription = _object(container, "subscription")
+    subscription = _object(container, "subscription", prefix)
     if subscription is None:
         raise EventError(422, f"a subscription event needs {prefix}subscription")
     return Event(
@@ -169,10 +167,18 @@ def parse_event(body: Any, url_event_type: str | None, default_product: str) -> 
     )
 
 
+def _event_type(raw_type: Any) -> str:
+    if raw_type is None:
+        raise EventError(422, "no event type: send eventType, or POST /webhooks/<type>")
+    if not isinstance(raw_type, str) or not _EVENT_NAME.fullmatch(raw_type.strip()):
+        raise EventError(422, "the event type must be 1 to 200 printable characters")
+    return normalise_event_type(raw_type)
+
+
 def subscription_state(sub: dict[str, Any], where: str) -> SubscriptionState:
     """Read a Chargebee subscription of either catalogue version."""
     status = sub.get("status")
-    if not isinstance(status, str) or not status or len(status) > 64:
+    if not _is_text(status, 64) or not status.strip():
         raise EventError(422, f"{where}.status must be a non-empty string")
     plan_entry = _plan_entry(sub, where)
 
@@ -197,7 +203,10 @@ def subscription_state(sub: dict[str, Any], where: str) -> SubscriptionState:
 
 
 def _customer_state(customer: dict[str, Any], where: str) -> CustomerState:
-    deleted = customer.get("deleted", False)
+    # Chargebee writes null for a flag it has no value for.
+    deleted = customer.get("deleted")
+    if deleted is None:
+        deleted = False
     if not isinstance(deleted, bool):
         raise EventError(422, f"{where}.deleted must be true or false")
     version = _integer(customer, "resource_version", where, MAX_MILLIS)
@@ -216,8 +225,8 @@ def _plan_entry(sub: dict[str, Any], where: str) -> dict[str, Any] | None:
             raise EventError(422, f"{where}.{key} must be a list")
         for entry in entries:
             if not isinstance(entry, dict):
-                continue
-            item_type = entry.get("item_type", entry.get("type"))
+                raise EventError(422, f"{where}.{key} must hold objects")
+            item_type = entry.get("item_type") or entry.get("type")
             if item_type == "plan":
                 return entry
     return None
@@ -225,8 +234,10 @@ def _plan_entry(sub: dict[str, Any], where: str) -> dict[str, Any] | None:
 
 def _product(sub: dict[str, Any], module_id: Any, default: str, prefix: str) -> str:
     meta = sub.get("meta_data")
+    if meta is not None and not isinstance(meta, dict):
+        raise EventError(422, f"{prefix}subscription.meta_data must be an object")
     candidates = []
-    if isinstance(meta, dict) and meta.get("module") is not None:
+    if meta is not None and meta.get("module") is not None:
         candidates.append((f"{prefix}subscription.meta_data.module", meta["module"]))
     if module_id is not None:
         candidates.append((f"{prefix}module_id", module_id))
@@ -254,12 +265,12 @@ def _first_present(*candidates: tuple[str, Any]) -> str | None:
     return None
 
 
-def _object(container: dict[str, Any], key: str) -> dict[str, Any] | None:
+def _object(container: dict[str, Any], key: str, prefix: str) -> dict[str, Any] | None:
     value = container.get(key)
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise EventError(422, f"{key} must be an object")
+        raise EventError(422, f"{prefix}{key} must be an object")
     return value
 
 
@@ -267,9 +278,24 @@ def _string(container: dict[str, Any], key: str, where: str) -> str | None:
     value = container.get(key)
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > 200:
+    if not _is_text(value, 200):
         raise EventError(422, f"{where}.{key} must be a string")
     return value
+
+
+def _is_text(value: Any, max_length: int) -> TypeGuard[str]:
+    """Tell whether `value` is a string that can be stored and shown as UTF-8.
+
+    JSON escapes can spell lone surrogates (`"\\ud800"`), which Python accepts
+    but SQLite cannot store: such a string is a wrong value, not a storage fault.
+    """
+    if not isinstance(value, str) or len(value) > max_length:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _seconds(container: dict[str, Any], key: str, where: str) -> int | None:

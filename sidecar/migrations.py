@@ -21,7 +21,7 @@ MIGRATIONS: dict[int, Migration] = {}
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
-class SchemaError(RuntimeError):
+class SchemaError(sqlite3.DatabaseError):
     """The database's schema is newer than this program understands."""
 
 
@@ -33,18 +33,16 @@ def migrate(
     """Bring the database to the newest version and return that version."""
     steps = MIGRATIONS if migrations is None else migrations
     target = 1 + len(steps)
-    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    current = _checked_version(conn, target)
     if current == target:
         return current
-    if current > target:
-        raise SchemaError(
-            f"the database is at schema version {current}, but this program only"
-            f" knows up to {target}: upgrade the program, or restore a backup"
-        )
 
     # The connection runs in autocommit mode; this transaction wraps every step.
     conn.execute("BEGIN IMMEDIATE")
     try:
+        # Another process (the server, or a command run beside it) may have
+        # upgraded the database while this one waited for the write lock.
+        current = _checked_version(conn, target)
         if current == 0:
             for statement in _statements(schema or read_resource("schema.sql")):
                 conn.execute(statement)
@@ -54,9 +52,21 @@ def migrate(
         conn.execute(f"PRAGMA user_version = {int(target)}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # Some failures (a full disk) have already rolled the transaction back.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
     return target
+
+
+def _checked_version(conn: sqlite3.Connection, target: int) -> int:
+    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if current > target:
+        raise SchemaError(
+            f"the database is at schema version {current}, but this program only"
+            f" knows up to {target}: upgrade the program, or restore a backup"
+        )
+    return current
 
 
 def _statements(script: str) -> list[str]:

@@ -112,10 +112,15 @@ async def receive(request: web.Request) -> web.Response:
 
 
 def _decode(body: bytes) -> Any:
+    # JSON on the wire is UTF-8 (RFC 8259). json.loads would also take UTF-16
+    # and UTF-8-encoded surrogates, whose strings SQLite then cannot store.
     try:
-        return json.loads(body)
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise EventError(400, "the body is not valid UTF-8") from None
+    try:
+        return json.loads(text)
     except (ValueError, RecursionError):
-        # ValueError covers invalid UTF-8 as well as invalid JSON.
         raise EventError(400, "the body is not valid JSON") from None
 
 

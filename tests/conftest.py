@@ -69,6 +69,34 @@ def basic_headers(token: str = BASIC_TOKEN) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(token.encode()).decode()}
 
 
+def subscription_event(
+    shop_id: str, status: str, product: str = "mymodule", **fields: Any
+) -> dict[str, Any]:
+    """An envelope `subscription.updated` body; `fields` go on the subscription."""
+    subscription = {
+        "id": f"sub-{shop_id}",
+        "plan_id": "mymodule-pro",
+        "status": status,
+        "meta_data": {"module": product},
+        **fields,
+    }
+    return {
+        "eventType": "subscription.updated",
+        "data": {"shopId": shop_id, "subscription": subscription},
+    }
+
+
+def customer_event(
+    shop_id: str, deleted: bool, resource_version: int
+) -> dict[str, Any]:
+    """An envelope `customer.updated` body setting the customer's `deleted` flag."""
+    customer = {"deleted": deleted, "resource_version": resource_version}
+    return {
+        "eventType": "customer.updated",
+        "data": {"shopId": shop_id, "customer": customer},
+    }
+
+
 class FakeClock:
     """A clock the test moves by hand; starts at the real time."""
 
@@ -188,6 +216,8 @@ class Process:
     lookup_url: str
     db: Path
     env: dict[str, str]
+    # What the child logged up to its "listening" line: start-up warnings.
+    startup_log: list[str] = field(default_factory=list)
 
     def terminate(self, timeout: float = 15) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -247,6 +277,7 @@ def spawn_sidecar(
                 lookup_url=_url(lookup),
                 db=db,
                 env=full_env,
+                startup_log=seen,
             )
     proc.kill()
     raise RuntimeError("the sidecar did not start:\n" + "".join(seen))
@@ -290,7 +321,10 @@ def sidecar_process(tmp_path: Path) -> Iterator[Callable[..., Process]]:
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, input_text: str | None = None
+    *args: str,
+    env: dict[str, str] | None = None,
+    input_text: str | None = None,
+    timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m sidecar ARGS` with a clean SIDECAR_* environment."""
     full_env = {
@@ -305,7 +339,7 @@ def run_cli(
         input=input_text,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
 
 

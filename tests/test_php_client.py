@@ -116,9 +116,7 @@ def _closed_tcp_target() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-@pytest.mark.parametrize(
-    ("policy", "entitled"), [("deny", False), ("allow", True)]
-)
+@pytest.mark.parametrize(("policy", "entitled"), [("deny", False), ("allow", True)])
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 async def test_php_client_sidecar_down_follows_policy(
     policy: str, entitled: bool, transport: str, short_tmp: Path
