@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,8 @@ class Settings(BaseSettings):
         env_prefix="SIDECAR_", extra="forbid", validate_default=True
     )
 
-    db: str = Field(default_factory=default_db_path)
+    # An empty path would make SQLite use a private temporary database.
+    db: str = Field(default_factory=default_db_path, min_length=1)
     webhook_listen: str = "127.0.0.1:7480"
     lookup_listen: str = "127.0.0.1:7481"
     lookup_allow_remote: bool = False
@@ -113,6 +114,17 @@ class Settings(BaseSettings):
         default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|debug|info|warning|error)$"
     )
     log_lookups: bool = False
+
+    # The Billing API fills gaps that webhooks leave; off without credentials.
+    billing_api_url: str = "https://api.billing.prestashop.com/v1"
+    oauth_token_url: str = "https://oauth.prestashop.com/oauth2/token"
+    billing_client_id: str = ""
+    billing_client_secret: str = Field(default="", repr=False)
+    billing_client_secret_file: str = ""
+    billing_audience: str = ""
+    billing_scopes: str = ""
+    billing_timeout_seconds: float = Field(default=2.0, gt=0)
+    fetch_on_miss: bool = False
 
     webhook_secret: str = Field(default="", repr=False)
     webhook_secret_file: str = ""
@@ -160,6 +172,7 @@ class Secrets:
 
     signing_keys: tuple[str, ...] = ()
     basic_tokens: tuple[bytes, ...] = ()
+    billing_client_secret: str = field(default="", repr=False)
 
     @property
     def any(self) -> bool:
@@ -172,7 +185,7 @@ _FLAG_NAMES = {
     "lookup_listen": "--lookup-listen",
     "product": "--product",
 }
-_SECRET_FIELDS = {"webhook_secret", "basic_auth"}
+_SECRET_FIELDS = {"webhook_secret", "basic_auth", "billing_client_secret"}
 
 
 def setting_name(field: str) -> str:
@@ -204,7 +217,7 @@ def load_settings(
     try:
         return Settings(**init)
     except ValidationError as exc:
-        raise SettingsError(_describe(exc)) from None
+        raise SettingsError(_describe(exc, config_file)) from None
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -221,12 +234,15 @@ def _read_toml(path: str) -> dict[str, Any]:
         ) from None
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, config_file: str | None) -> str:
     error = exc.errors()[0]
     field = str(error["loc"][0]) if error["loc"] else "?"
     message = error["msg"]
     if error["type"] == "extra_forbidden":
-        return f"{field!r} is not a setting; check the spelling in the config file"
+        return (
+            f"SIDECAR_CONFIG (--config): {field!r} in {config_file!r} is not a"
+            " setting; check its spelling"
+        )
     if field in _SECRET_FIELDS:
         return f"{setting_name(field)}: {message}"
     return f"{setting_name(field)}: {message}, got {error.get('input')!r}"
@@ -244,11 +260,19 @@ def load_secrets(settings: Settings) -> Secrets:
     for key in keys:
         _check_signing_key(key)
     tokens = tuple(_basic_token(part) for part in re.split(r"\s+", raw_basic) if part)
-    return Secrets(signing_keys=keys, basic_tokens=tokens)
+    billing_secret = _first_secret(
+        settings.billing_client_secret,
+        settings.billing_client_secret_file,
+        "billing-client-secret",
+    )
+    return Secrets(
+        signing_keys=keys, basic_tokens=tokens, billing_client_secret=billing_secret
+    )
 
 
 def _first_secret(value: str, file_path: str, credential: str) -> str:
-    if value:
+    # Blank, like an empty credential file, means "not set here".
+    if value.strip():
         return value
     if file_path:
         return _read_secret_file(
