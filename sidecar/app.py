@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from .auth import Authenticator
+from .fetch import Fetcher
 from .maintenance import Maintenance
 from .metrics import Metrics
 from .settings import Secrets, Settings
@@ -31,6 +32,8 @@ class Sidecar:
     maintenance: Maintenance
     clock: Clock = time.time
     metrics: Metrics = field(default_factory=Metrics)
+    # Asks the Billing API about shops the table does not know, when enabled.
+    fetcher: Fetcher | None = None
     ready: bool = False
 
     def __post_init__(self) -> None:

@@ -10,13 +10,15 @@ import sqlite3
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from . import log
-from .entitlement import answer, evaluate, unknown_shop_answer
+from .billing import credentials_from_settings
+from .entitlement import StoredEntitlement, answer, evaluate, unknown_shop_answer
 from .settings import (
     PRODUCT_PATTERN,
     SHOP_ID_PATTERN,
@@ -108,6 +110,26 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--webhook-listen", metavar="HOST:PORT")
     send.set_defaults(command=_send)
 
+    reconcile = commands.add_parser(
+        "reconcile",
+        parents=[common],
+        help="re-fetch shops from the Billing API and apply what is newer",
+    )
+    reconcile.add_argument(
+        "shops", metavar="SHOP", nargs="*", help="shops to re-fetch (default: all)"
+    )
+    reconcile.set_defaults(command=_reconcile)
+
+    import_ = commands.add_parser(
+        "import",
+        parents=[common],
+        help="apply a JSON-lines file of event bodies or subscriptions",
+    )
+    import_.add_argument(
+        "file", metavar="FILE", help="JSON lines to apply ('-': stdin)"
+    )
+    import_.set_defaults(command=_import)
+
     backup = commands.add_parser(
         "backup", parents=[common], help="copy the database while it is in use"
     )
@@ -121,6 +143,12 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     secrets = load_secrets(settings)
     warnings = check_bind_safety(settings, secrets)
+    credentials = credentials_from_settings(settings, secrets)
+    if settings.fetch_on_miss and credentials is None:
+        raise SettingsError(
+            "SIDECAR_FETCH_ON_MISS=true needs Billing API credentials: set"
+            " SIDECAR_BILLING_CLIENT_ID and SIDECAR_BILLING_CLIENT_SECRET"
+        )
     log.configure(settings.log_format, settings.log_level)
     return _run_async(lambda: serve(settings, secrets, warnings))
 
@@ -281,6 +309,74 @@ async def _post(
         return EXIT_FAILURE
     print(f"{response.status} {text}")
     return EXIT_OK if 200 <= response.status < 300 else EXIT_FAILURE
+
+
+def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    from .billing import client_from_settings
+    from .importer import reconcile
+
+    for shop_id in args.shops:
+        if not SHOP_ID_PATTERN.fullmatch(shop_id):
+            print(f"not a shop id: {shop_id!r}", file=sys.stderr)
+            return EXIT_USAGE
+    secrets = load_secrets(settings)
+    if credentials_from_settings(settings, secrets) is None:
+        raise SettingsError(
+            "reconcile needs Billing API credentials: set SIDECAR_BILLING_CLIENT_ID"
+            " and SIDECAR_BILLING_CLIENT_SECRET"
+        )
+    conn = _open_existing(settings)
+
+    async def run() -> int:
+        client = client_from_settings(settings, secrets)
+        assert client is not None
+        async with client:
+            results = await reconcile(conn, client, args.shops, settings.product)
+        failed = 0
+        for result in results:
+            where = f"{result.shop_id} {result.product}"
+            if result.result == "failed":
+                failed += 1
+                print(f"{where}: failed: {result.error}")
+            elif result.result == "applied":
+                print(f"{where}: {_state(result.before)} -> {_state(result.after)}")
+        counts = Counter(result.result for result in results)
+        summary = ", ".join(f"{n} {result}" for result, n in sorted(counts.items()))
+        print(f"reconciled {len(results)} shop(s): {summary or 'nothing to do'}")
+        return EXIT_FAILURE if failed else EXIT_OK
+
+    try:
+        return _run_async(run)
+    finally:
+        conn.close()
+
+
+def _state(row: StoredEntitlement | None) -> str:
+    if row is None:
+        return "unknown"
+    return f"{row.status} {row.plan or '-'}"
+
+
+def _import(settings: Settings, args: argparse.Namespace) -> int:
+    from .importer import import_lines
+
+    conn = _open_existing(settings)
+    try:
+        if args.file == "-":
+            report = import_lines(conn, sys.stdin.buffer, settings.product)
+        else:
+            with open(args.file, "rb") as lines:
+                report = import_lines(conn, lines, settings.product)
+    except OSError as exc:
+        print(f"cannot read {args.file!r}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        conn.close()
+    for bad in report.bad_lines:
+        print(f"line {bad.line_number}: {bad.reason}", file=sys.stderr)
+    summary = ", ".join(f"{n} {result}" for result, n in sorted(report.counts.items()))
+    print(f"imported {sum(report.counts.values())} line(s): {summary or 'none'}")
+    return EXIT_FAILURE if report.bad_lines else EXIT_OK
 
 
 def _backup(settings: Settings, args: argparse.Namespace) -> int:

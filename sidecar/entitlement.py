@@ -84,10 +84,17 @@ def answer(row: StoredEntitlement, verdict: Verdict) -> dict[str, object]:
     }
 
 
-def unknown_shop_answer(shop_id: str) -> dict[str, object]:
+def unknown_shop_answer(
+    shop_id: str, reason: str = "unknown_shop"
+) -> dict[str, object]:
+    """Build the JSON answer for a shop the table does not know.
+
+    `reason` is `upstream_unavailable` when the Billing API was to be asked
+    about the shop but could not be.
+    """
     return {
         "shop_id": shop_id,
         "entitled": False,
         "status": "unknown",
-        "reason": "unknown_shop",
+        "reason": reason,
     }

@@ -10,10 +10,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import log
 from .app import SIDECAR, Sidecar, error_response, json_errors, json_response
-from .entitlement import answer, evaluate, unknown_shop_answer
+from .entitlement import StoredEntitlement, answer, evaluate, unknown_shop_answer
+from .fetch import Fetcher, FetchStatus
 from .resources import read_resource
 from .settings import PRODUCT_PATTERN, SHOP_ID_PATTERN
-from .storage import read_entitlement
+from .storage import StorageUnavailable, read_entitlement
 
 
 async def entitlement(request: web.Request) -> web.Response:
@@ -31,15 +32,20 @@ async def entitlement(request: web.Request) -> web.Response:
             400, "a product is 1 to 64 characters of A-Z a-z 0-9 _ . -"
         )
 
+    missing_reason = "unknown_shop"
     try:
         row = read_entitlement(sidecar.reader, shop_id, product)
-    except sqlite3.Error as exc:
+        if row is None and sidecar.fetcher is not None:
+            row, missing_reason = await _fetch_missing(
+                sidecar.fetcher, shop_id, product
+            )
+    except (sqlite3.Error, StorageUnavailable) as exc:
         sidecar.metrics.lookups.labels("unavailable").inc()
         log.lookup.error("lookup failed: %s", exc)
         return error_response(503, "storage unavailable", {"Retry-After": "1"})
 
     if row is None:
-        status, payload = 404, unknown_shop_answer(shop_id)
+        status, payload = 404, unknown_shop_answer(shop_id, missing_reason)
     else:
         verdict = evaluate(row, sidecar.clock(), sidecar.settings.grace_seconds)
         status, payload = 200, answer(row, verdict)
@@ -50,6 +56,23 @@ async def entitlement(request: web.Request) -> web.Response:
     if sidecar.settings.log_lookups:
         log.lookup.info("lookup shop=%s product=%s reason=%s", shop_id, product, result)
     return json_response(payload, status)
+
+
+async def _fetch_missing(
+    fetcher: Fetcher, shop_id: str, product: str
+) -> tuple[StoredEntitlement | None, str]:
+    """Ask the Billing API about a shop the table does not know.
+
+    Return the stored row, if the API knew the shop, and the reason to give
+    when there is none: a shop the API could not be asked about is not the same
+    as one it does not know.
+    """
+    fetched = await fetcher.fetch(shop_id, product)
+    if fetched.status is FetchStatus.FOUND:
+        return fetched.entitlement, "unknown_shop"
+    if fetched.status is FetchStatus.UNKNOWN:
+        return None, "unknown_shop"
+    return None, "upstream_unavailable"
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -14,6 +14,8 @@ from aiohttp import web
 
 from . import log, lookup, systemd, webhook
 from .app import Sidecar
+from .billing import BillingClient, client_from_settings
+from .fetch import Fetcher
 from .maintenance import Maintenance
 from .settings import Listen, Secrets, Settings
 from .storage import Writer, connect
@@ -34,6 +36,8 @@ class Server:
         self._reader: sqlite3.Connection | None = None
         self._writer: Writer | None = None
         self._maintenance: Maintenance | None = None
+        self._billing: BillingClient | None = None
+        self._fetcher: Fetcher | None = None
 
     async def start(self) -> None:
         """Open the database, then bind both listeners; raise if either fails."""
@@ -46,6 +50,15 @@ class Server:
             settings.db, settings.busy_timeout_ms, settings.retention_days, self.clock
         )
         await self._maintenance.start()
+        if settings.fetch_on_miss:
+            self._billing = client_from_settings(settings, self.secrets)
+        if self._billing is not None:
+            self._fetcher = Fetcher(
+                self._billing,
+                self._writer,
+                budget_s=settings.billing_timeout_seconds,
+                wall_clock=self.clock,
+            )
         self.sidecar = Sidecar(
             settings=settings,
             secrets=self.secrets,
@@ -53,6 +66,7 @@ class Server:
             reader=self._reader,
             maintenance=self._maintenance,
             clock=self.clock,
+            fetcher=self._fetcher,
         )
 
         await self._listen(webhook.create_app(self.sidecar), settings.webhook_bind)
@@ -95,6 +109,14 @@ class Server:
             self.sidecar.ready = False
         runners, self._runners = self._runners, []
         await asyncio.gather(*(runner.cleanup() for runner in runners))
+        # Fetches still running belong to lookups that have been answered or
+        # dropped; they must end before the writer they store through.
+        if self._fetcher is not None:
+            fetcher, self._fetcher = self._fetcher, None
+            await fetcher.close()
+        if self._billing is not None:
+            billing, self._billing = self._billing, None
+            await billing.close()
         if self._maintenance is not None:
             await self._maintenance.close()
         if self._writer is not None:

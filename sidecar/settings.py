@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -135,6 +136,14 @@ class Settings(BaseSettings):
     @classmethod
     def _valid_listen(cls, value: str) -> str:
         parse_listen(value)
+        return value
+
+    @field_validator("billing_api_url", "oauth_token_url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL")
         return value
 
     @field_validator("product")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,11 +12,18 @@ from typing import Any
 
 import pytest
 
-from conftest import FakeClock, subscription_event
-from fake_billing import Failure, FakeBilling, running_fake_billing, subscription
+from conftest import FakeClock, StartSidecar, run_cli, subscription_event
+from fake_billing import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    Failure,
+    FakeBilling,
+    running_fake_billing,
+    subscription,
+)
 from sidecar.billing import BillingClient
 from sidecar.events import parse_event
-from sidecar.fetch import Fetcher, FetchStatus
+from sidecar.fetch import BURST, RATE_PER_S, Fetcher, FetchStatus
 from sidecar.replay import rebuild
 from sidecar.storage import Delivery, Writer, open_database, record_delivery
 
@@ -209,3 +217,112 @@ async def test_fetched_delivery_is_reproduced_by_replay(
     assert query(db, "SELECT status, version FROM entitlements") == [
         ("active", VERSION)
     ]
+
+
+# Through the lookup listener, with the fetcher built from the settings.
+
+
+def billing_env(fake: FakeBilling, **extra: str) -> dict[str, str]:
+    return {
+        "SIDECAR_FETCH_ON_MISS": "true",
+        "SIDECAR_BILLING_API_URL": fake.api_url,
+        "SIDECAR_OAUTH_TOKEN_URL": fake.token_url,
+        "SIDECAR_BILLING_CLIENT_ID": CLIENT_ID,
+        "SIDECAR_BILLING_CLIENT_SECRET": CLIENT_SECRET,
+        "SIDECAR_PRODUCT": PRODUCT,
+        **extra,
+    }
+
+
+async def test_lookup_of_shop_known_only_to_the_api_answers_from_it(
+    start_sidecar: StartSidecar, billing: FakeBilling
+) -> None:
+    sidecar = await start_sidecar(billing_env(billing))
+
+    status, body = await sidecar.get(f"/entitlement/{SHOP}")
+
+    assert status == 200
+    assert (body["entitled"], body["status"], body["reason"]) == (
+        True,
+        "active",
+        "active",
+    )
+    assert sidecar.query("SELECT source, result FROM deliveries") == [
+        ("api", "applied")
+    ]
+    # The next lookup is answered from the table without asking again.
+    assert (await sidecar.get(f"/entitlement/{SHOP}"))[0] == 200
+    assert billing.api_requests == 1
+
+
+async def test_lookup_of_shop_unknown_to_the_api_is_unknown_shop(
+    start_sidecar: StartSidecar, billing: FakeBilling
+) -> None:
+    sidecar = await start_sidecar(billing_env(billing))
+
+    status, body = await sidecar.get("/entitlement/nobody-here")
+
+    assert status == 404
+    assert body == {
+        "shop_id": "nobody-here",
+        "entitled": False,
+        "status": "unknown",
+        "reason": "unknown_shop",
+    }
+    assert sidecar.query("SELECT count(*) FROM deliveries") == [(0,)]
+
+
+async def test_lookup_with_api_down_is_404_upstream_unavailable(
+    start_sidecar: StartSidecar, billing: FakeBilling
+) -> None:
+    billing.always_fail = Failure(503)
+    sidecar = await start_sidecar(billing_env(billing))
+
+    status, body = await sidecar.get(f"/entitlement/{SHOP}")
+
+    assert status == 404
+    assert (body["entitled"], body["reason"]) == (False, "upstream_unavailable")
+    assert sidecar.query("SELECT count(*) FROM deliveries") == [(0,)]
+
+
+async def test_lookup_without_fetch_on_miss_never_asks_the_api(
+    start_sidecar: StartSidecar, billing: FakeBilling
+) -> None:
+    sidecar = await start_sidecar(billing_env(billing, SIDECAR_FETCH_ON_MISS="false"))
+
+    status, body = await sidecar.get(f"/entitlement/{SHOP}")
+
+    assert (status, body["reason"]) == (404, "unknown_shop")
+    assert billing.token_requests == billing.api_requests == 0
+
+
+async def test_lookup_flood_of_unknown_ids_through_the_listener_is_bounded(
+    start_sidecar: StartSidecar, billing: FakeBilling
+) -> None:
+    sidecar = await start_sidecar(billing_env(billing))
+
+    started = time.monotonic()
+    answers = await asyncio.gather(
+        *(sidecar.get(f"/entitlement/random-{uuid.uuid4().hex}") for _ in range(60))
+    )
+    elapsed_s = time.monotonic() - started
+
+    assert {status for status, _ in answers} == {404}
+    reasons = {body["reason"] for _, body in answers}
+    assert reasons == {"unknown_shop", "upstream_unavailable"}
+    # Only the token bucket's burst, and what it refilled meanwhile, reach the API.
+    assert billing.api_requests <= BURST + int(RATE_PER_S * elapsed_s) + 1
+
+
+def test_serve_with_fetch_on_miss_but_no_credentials_exits_2(tmp_path: Path) -> None:
+    result = run_cli(
+        "serve",
+        "--db",
+        str(tmp_path / "sidecar.db"),
+        env={"SIDECAR_FETCH_ON_MISS": "true"},
+    )
+
+    assert result.returncode == 2
+    assert "SIDECAR_FETCH_ON_MISS" in result.stderr
+    assert "SIDECAR_BILLING_CLIENT_ID" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

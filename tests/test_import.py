@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -10,8 +11,15 @@ from typing import Any
 
 import pytest
 
-from conftest import EVENTS_DIR
-from fake_billing import FakeBilling, running_fake_billing, subscription
+from conftest import EVENTS_DIR, run_cli
+from fake_billing import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    Failure,
+    FakeBilling,
+    running_fake_billing,
+    subscription,
+)
 from sidecar.billing import BillingClient
 from sidecar.importer import BadLine, import_file, import_lines, reconcile
 from sidecar.storage import open_database
@@ -302,3 +310,111 @@ async def test_reconcile_with_an_invalid_shop_id_is_refused(
     with pytest.raises(ValueError, match="got 'no/such'"):
         await reconcile(conn, client, ["no/such"])
     assert billing.api_requests == 0
+
+
+# The same through the command line, as an operator runs them.
+
+
+def test_import_command_applies_a_file_and_is_a_duplicate_the_second_time(
+    conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    path = tmp_path / "backfill.jsonl"
+    path.write_bytes(b"".join(jsonl(BARE_LINES)))
+    db = str(tmp_path / "sidecar.db")
+
+    first = run_cli("import", str(path), "--db", db)
+    second = run_cli("import", str(path), "--db", db)
+
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "imported 3 line(s): 3 applied"
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == "imported 3 line(s): 3 duplicate"
+    assert [row[0] for row in table(conn)] == ["42", "shop-bare", "shop-plain"]
+
+
+def test_import_command_with_a_bad_line_names_it_and_exits_1(
+    conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    path = tmp_path / "backfill.jsonl"
+    path.write_bytes(jsonl(BARE_LINES)[0] + b"{not json\n")
+
+    result = run_cli("import", str(path), "--db", str(tmp_path / "sidecar.db"))
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == "line 2: the line is not valid JSON"
+    assert [row[0] for row in table(conn)] == ["shop-bare"]
+
+
+def test_import_command_of_a_missing_file_exits_2(
+    conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    result = run_cli(
+        "import", str(tmp_path / "nope.jsonl"), "--db", str(tmp_path / "sidecar.db")
+    )
+
+    assert result.returncode == 2
+    assert "nope.jsonl" in result.stderr
+
+
+def billing_env(fake: FakeBilling) -> dict[str, str]:
+    return {
+        "SIDECAR_BILLING_API_URL": fake.api_url,
+        "SIDECAR_OAUTH_TOKEN_URL": fake.token_url,
+        "SIDECAR_BILLING_CLIENT_ID": CLIENT_ID,
+        "SIDECAR_BILLING_CLIENT_SECRET": CLIENT_SECRET,
+    }
+
+
+async def test_reconcile_command_prints_what_changed(
+    conn: sqlite3.Connection, billing: FakeBilling, tmp_path: Path
+) -> None:
+    store(conn, "shop-a", "active", 2_000_000)
+    store(conn, "shop-b", "active", 2_000_000)
+    billing.subscriptions[("shop-a", "mymodule")] = subscription("cancelled", 3_000_000)
+    billing.subscriptions[("shop-b", "mymodule")] = subscription("active", 2_000_000)
+
+    # In a thread, so that the fake API keeps answering on this loop.
+    result = await asyncio.to_thread(
+        run_cli,
+        "reconcile",
+        "--db",
+        str(tmp_path / "sidecar.db"),
+        env=billing_env(billing),
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "shop-a mymodule: active mymodule-pro -> cancelled mymodule-pro",
+        "reconciled 2 shop(s): 1 applied, 1 stale",
+    ]
+    assert table(conn)[0][3] == "cancelled"
+
+
+async def test_reconcile_command_with_a_failure_exits_1(
+    conn: sqlite3.Connection, billing: FakeBilling, tmp_path: Path
+) -> None:
+    store(conn, "shop-a", "active", 2_000_000)
+    billing.always_fail = Failure(500)
+
+    result = await asyncio.to_thread(
+        run_cli,
+        "reconcile",
+        "shop-a",
+        "--db",
+        str(tmp_path / "sidecar.db"),
+        env=billing_env(billing),
+    )
+
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[0].startswith("shop-a mymodule: failed: ")
+    assert CLIENT_SECRET not in result.stdout + result.stderr
+    assert table(conn)[0][3] == "active"
+
+
+def test_reconcile_command_without_credentials_exits_2(
+    conn: sqlite3.Connection, tmp_path: Path
+) -> None:
+    result = run_cli("reconcile", "--db", str(tmp_path / "sidecar.db"))
+
+    assert result.returncode == 2
+    assert "SIDECAR_BILLING_CLIENT_ID" in result.stderr
