@@ -18,6 +18,7 @@ from .settings import Secrets
 SIGNATURE_HEADERS = ("id", "timestamp", "signature")
 _NO_MATCH = "no signature matches a configured secret"
 _BAD_TIMESTAMP = "webhook-timestamp must be UNIX seconds"
+_NOT_ASCII = "webhook-id and webhook-signature must be ASCII"
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,10 @@ class Authenticator:
         timestamp = sig_headers["webhook-timestamp"]
         if timestamp and not (timestamp.isascii() and timestamp.isdigit()):
             return AuthResult(ok=False, method="signature", reason=_BAD_TIMESTAMP)
+        # What was signed is ASCII; aiohttp hands other bytes over as lone
+        # surrogates, which the library cannot even encode.
+        if not all(value.isascii() for value in sig_headers.values()):
+            return AuthResult(ok=False, method="signature", reason=_NOT_ASCII)
 
         reason = _NO_MATCH
         for verifier in self._verifiers:
