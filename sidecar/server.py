@@ -21,6 +21,9 @@ from .settings import Listen, Secrets, Settings
 from .storage import Writer, connect
 from .types import Clock
 
+# How long handlers still running after the drain get to react to cancellation.
+CANCEL_AFTER_DRAIN_S = 0.5
+
 
 class Server:
     """Both listeners and the storage behind them, started and stopped together."""
@@ -38,6 +41,7 @@ class Server:
         self._maintenance: Maintenance | None = None
         self._billing: BillingClient | None = None
         self._fetcher: Fetcher | None = None
+        self._in_flight: webhook.InFlight | None = None
 
     async def start(self) -> None:
         """Open the database, then bind both listeners; raise if either fails."""
@@ -69,7 +73,9 @@ class Server:
             fetcher=self._fetcher,
         )
 
-        await self._listen(webhook.create_app(self.sidecar), settings.webhook_bind)
+        webhook_app = webhook.create_app(self.sidecar)
+        self._in_flight = webhook_app[webhook.IN_FLIGHT]
+        await self._listen(webhook_app, settings.webhook_bind)
         await self._listen(lookup.create_app(self.sidecar), settings.lookup_bind)
         self.sidecar.ready = True
 
@@ -77,7 +83,9 @@ class Server:
         runner = web.AppRunner(
             app,
             access_log=None,
-            shutdown_timeout=self.settings.shutdown_timeout_seconds,
+            # stop() drains deliveries itself first; what is still running
+            # after that is cancelled without a second wait.
+            shutdown_timeout=CANCEL_AFTER_DRAIN_S,
             # Also closes a connection whose request headers trickle in slower
             # than this, so slow clients cannot pile up.
             keepalive_timeout=self.settings.read_timeout_seconds,
@@ -108,6 +116,22 @@ class Server:
         if self.sidecar is not None:
             self.sidecar.ready = False
         runners, self._runners = self._runners, []
+        # Close the listening sockets, then let deliveries already being
+        # handled finish, bodies still arriving included: aiohttp's own
+        # shutdown stops reading from every connection at once.
+        for runner in runners:
+            for site in list(runner.sites):
+                await site.stop()
+        if runners and self._in_flight is not None:
+            drain_s = max(
+                0.0, self.settings.shutdown_timeout_seconds - CANCEL_AFTER_DRAIN_S
+            )
+            if not await self._in_flight.wait_idle(drain_s):
+                log.server.warning(
+                    "dropping %d delivery(ies) still in progress after %.1f s",
+                    self._in_flight.count,
+                    drain_s,
+                )
         await asyncio.gather(*(runner.cleanup() for runner in runners))
         # Fetches still running belong to lookups that have been answered or
         # dropped; they must end before the writer they store through.

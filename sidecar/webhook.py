@@ -55,6 +55,10 @@ async def receive(request: web.Request) -> web.Response:
     except TimeoutError:
         log.webhook.warning("refused a delivery whose body arrived too slowly")
         return error_response(408, "the body did not arrive in time")
+    except ConnectionResetError:
+        # Nobody is left to answer; the sender will retry the whole delivery.
+        log.webhook.warning("a sender closed its connection before its body arrived")
+        return error_response(400, "the connection closed before the body arrived")
 
     auth = sidecar.authenticator.check(request.headers, body)
     if not auth.ok:
@@ -183,40 +187,70 @@ def _log_delivery(delivery_id: str, event: Event, result: str, started: float) -
     )
 
 
-def connection_cap(limit: int) -> Middleware:
-    """Answer 503 at once when `limit` deliveries are already being handled.
+class InFlight:
+    """Counts deliveries being handled, to cap them and to drain them on stop."""
 
-    Each request in progress holds a connection; capping them keeps a flood of
-    slow senders from tying up memory and the writer queue. Connections that
-    have not finished sending their headers are closed by the keep-alive
-    timeout instead.
-    """
-    in_progress = 0
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        nonlocal in_progress
-        if in_progress >= limit:
-            log.webhook.warning("refused a delivery: %d already in progress", limit)
-            return error_response(
-                503, "too many deliveries in progress", {"Retry-After": RETRY_AFTER_S}
-            )
-        in_progress += 1
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no delivery is being handled; return False on timeout."""
         try:
-            return await handler(request)
-        finally:
-            in_progress -= 1
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
-    return middleware
+    def middleware(self, limit: int) -> Middleware:
+        """Answer 503 at once when `limit` deliveries are already being handled.
+
+        Each request in progress holds a connection; capping them keeps a flood
+        of slow senders from tying up memory and the writer queue. Connections
+        that have not finished sending their headers are closed by the
+        keep-alive timeout instead.
+        """
+
+        @web.middleware
+        async def middleware(
+            request: web.Request, handler: Handler
+        ) -> web.StreamResponse:
+            if self.count >= limit:
+                log.webhook.warning("refused a delivery: %d already in progress", limit)
+                return error_response(
+                    503,
+                    "too many deliveries in progress",
+                    {"Retry-After": RETRY_AFTER_S},
+                )
+            self.count += 1
+            self._idle.clear()
+            try:
+                return await handler(request)
+            finally:
+                self.count -= 1
+                if self.count == 0:
+                    self._idle.set()
+
+        return middleware
+
+
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
 
 
 def create_app(sidecar: Sidecar) -> web.Application:
     settings = sidecar.settings
+    in_flight = InFlight()
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[json_errors, connection_cap(settings.max_webhook_connections)],
+        middlewares=[
+            json_errors,
+            in_flight.middleware(settings.max_webhook_connections),
+        ],
     )
     app[SIDECAR] = sidecar
+    app[IN_FLIGHT] = in_flight
     app.router.add_post("/webhooks", receive)
     app.router.add_post("/webhooks/{event_type}", receive)
     return app

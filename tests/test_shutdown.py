@@ -119,12 +119,6 @@ async def test_sigterm_with_deliveries_in_flight_stores_every_answered_one(
     assert set(answers) <= _stored_ids(process)
 
 
-@pytest.mark.xfail(
-    reason="once stopping, aiohttp's RequestHandler.data_received drops every byte"
-    " that arrives (pre_shutdown has set _close), so a body still arriving at"
-    " SIGTERM never completes and the handler is cancelled after the timeout",
-    strict=True,
-)
 @pytest.mark.slow
 async def test_sigterm_finishes_a_delivery_whose_body_is_still_arriving(
     sidecar_process: Callable[..., Process],

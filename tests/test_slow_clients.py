@@ -212,11 +212,6 @@ async def test_webhook_cap_answers_503_past_the_limit_and_frees_up(
     await _normal_clients_answer(sidecar, "msg-after-the-cap")
 
 
-@pytest.mark.xfail(
-    reason="request.read() raises ConnectionResetError when the sender goes away,"
-    " which escapes receive() and is logged at ERROR with a traceback",
-    strict=True,
-)
 async def test_sender_disconnecting_mid_body_is_a_warning_not_an_error(
     sidecar: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
