@@ -21,6 +21,9 @@ import pytest
 
 from conftest import Process, run_cli, signed_headers, subscription_event
 
+# Run these alone with `pytest -m reliability`.
+pytestmark = pytest.mark.reliability
+
 PRODUCT = "crash-module"
 SENDERS = 6
 SHOPS_PER_SENDER = 4

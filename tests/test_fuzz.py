@@ -47,11 +47,15 @@ from conftest import (
     spawn_sidecar,
 )
 
+# Run these alone with `pytest -m reliability`.
+pytestmark = pytest.mark.reliability
+
 FUZZ_SETTINGS = settings(
     max_examples=150,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+
 STORED_TABLES = ("deliveries", "entitlements", "customers")
 
 _delivery_numbers = itertools.count()

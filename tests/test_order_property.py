@@ -21,6 +21,9 @@ from hypothesis import strategies as st
 
 from conftest import Running, StartSidecar
 
+# Run these alone with `pytest -m reliability`.
+pytestmark = pytest.mark.reliability
+
 BASE_SECOND = 1_700_000_000
 PRODUCTS = ("mod-a", "mod-b")
 SUBSCRIPTION_EVENT_NAMES = (
@@ -31,6 +34,7 @@ SUBSCRIPTION_EVENT_NAMES = (
     "payment.succeeded",
     "payment-failed",
 )
+
 STATUSES = ("active", "in_trial", "non_renewing", "cancelled", "paused", "future")
 
 _example_numbers = itertools.count()

@@ -21,6 +21,9 @@ import pytest
 
 from conftest import Process, signed_headers, subscription_event, wait_for
 
+# Run these alone with `pytest -m reliability`.
+pytestmark = pytest.mark.reliability
+
 SHUTDOWN_TIMEOUT_S = 3.0
 # Exiting takes the shutdown timeout at most, plus closing the database and
 # the interpreter; this margin is for a loaded CI machine.

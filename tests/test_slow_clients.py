@@ -26,6 +26,9 @@ from conftest import (
     wait_for,
 )
 
+# Run these alone with `pytest -m reliability`.
+pytestmark = pytest.mark.reliability
+
 # Far more than a normal answer takes, and far less than a client waiting on a
 # slow one would: "answers while a slow client is pending", not a benchmark.
 PROMPTLY_S = 5.0
@@ -227,3 +230,34 @@ async def test_sender_disconnecting_mid_body_is_a_warning_not_an_error(
     # Refused client input is a warning; errors are for what an operator fixes.
     assert [record.levelname for record in caplog.records] == ["WARNING"]
     await _normal_clients_answer(sidecar, "msg-normal")
+
+
+async def test_flood_of_unknown_shop_lookups_leaves_no_trace(
+    sidecar: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    await sidecar.post(subscription_event("known-shop", "active"))
+    async with sidecar.session.get(sidecar.lookup_url + "/metrics") as response:
+        metrics_before = await response.text()
+    tables_before = sidecar.query("SELECT * FROM deliveries")
+    caplog.clear()
+
+    answers = await asyncio.gather(
+        *(sidecar.get(f"/entitlement/stranger-{number}") for number in range(500))
+    )
+
+    assert {status for status, _ in answers} == {404}
+    # A miss writes nothing, logs nothing, and adds no metric series: the only
+    # lines that change are counter and histogram values.
+    assert sidecar.query("SELECT * FROM deliveries") == tables_before
+    assert sidecar.query("SELECT count(*) FROM quarantine") == [(0,)]
+    assert caplog.records == []
+    async with sidecar.session.get(sidecar.lookup_url + "/metrics") as response:
+        metrics_after = await response.text()
+
+    def series(text: str) -> list[str]:
+        return [line.rsplit(" ", 1)[0] for line in text.splitlines()]
+
+    new_series = set(series(metrics_after)) - set(series(metrics_before))
+    assert new_series <= {'sidecar_lookups_total{result="unknown_shop"}'}
+    assert "stranger" not in metrics_after

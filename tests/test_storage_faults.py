@@ -27,6 +27,9 @@ from multidict import CIMultiDictProxy
 
 from conftest import Process, Running, StartSidecar, signed_headers, subscription_event
 
+# Run these alone with `pytest -m reliability`.
+pytestmark = pytest.mark.reliability
+
 PRODUCT = "mymodule"
 STORED_SHOP = "shop-stored-before-the-fault"
 
