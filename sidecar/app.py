@@ -40,6 +40,7 @@ class Sidecar:
         self.authenticator = Authenticator(self.secrets)
 
     async def refresh_storage_gauges(self) -> None:
+        self.metrics.refresh_age(self.clock())
         await self.maintenance.refresh_gauges(self.metrics)
 
 

@@ -28,6 +28,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.last_applied_at: float | None = None
         self.deliveries = Counter(
             "sidecar_deliveries",
             "Webhook deliveries answered, by event type and result.",
@@ -57,6 +58,11 @@ class Metrics:
             "When a delivery last changed the entitlement table (UNIX time).",
             registry=self.registry,
         )
+        self.seconds_since_applied = Gauge(
+            "sidecar_seconds_since_last_applied_delivery",
+            "Seconds since a delivery last changed the entitlement table.",
+            registry=self.registry,
+        )
         self.database_bytes = Gauge(
             "sidecar_database_size_bytes",
             "Size of the SQLite database, WAL included.",
@@ -67,6 +73,16 @@ class Metrics:
             "Refused deliveries kept in quarantine.",
             registry=self.registry,
         )
+
+    def note_applied(self, at: float) -> None:
+        """Record when a delivery last changed the table (UNIX seconds)."""
+        self.last_applied_at = at
+        self.last_applied.set(at)
+
+    def refresh_age(self, now: float) -> None:
+        """Bring the seconds-since gauge up to `now`, before a scrape."""
+        if self.last_applied_at is not None:
+            self.seconds_since_applied.set(max(0.0, now - self.last_applied_at))
 
     def count_delivery(self, event_type: str, result: str) -> None:
         label = event_type if event_type in KNOWN_EVENT_TYPES else "other"

@@ -18,7 +18,7 @@ from .billing import BillingClient, client_from_settings
 from .fetch import Fetcher
 from .maintenance import Maintenance
 from .settings import Listen, Secrets, Settings
-from .storage import Writer, connect
+from .storage import Writer, connect, last_applied_at
 from .types import Clock
 
 # How long handlers still running after the drain get to react to cancellation.
@@ -72,6 +72,11 @@ class Server:
             clock=self.clock,
             fetcher=self._fetcher,
         )
+
+        # Without this, a restart would look like days without a delivery.
+        last_applied = last_applied_at(self._reader)
+        if last_applied is not None:
+            self.sidecar.metrics.note_applied(last_applied)
 
         webhook_app = webhook.create_app(self.sidecar)
         self._in_flight = webhook_app[webhook.IN_FLIGHT]

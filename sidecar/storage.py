@@ -234,6 +234,16 @@ def read_entitlement(
     )
 
 
+def last_applied_at(conn: sqlite3.Connection) -> int | None:
+    """When a webhook delivery last changed the table, from the delivery log."""
+    # Walks the received_at index backwards and stops at the first match.
+    row = conn.execute(
+        "SELECT received_at FROM deliveries WHERE result = 'applied'"
+        " AND source = 'webhook' ORDER BY received_at DESC LIMIT 1"
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
 class Writer:
     """Serialises every write through one connection, committing in batches."""
 

@@ -109,7 +109,7 @@ async def receive(request: web.Request) -> web.Response:
         )
 
     if outcome.result == "applied":
-        sidecar.metrics.last_applied.set(sidecar.clock())
+        sidecar.metrics.note_applied(sidecar.clock())
     sidecar.metrics.count_delivery(event.event_type, outcome.result)
     _log_delivery(delivery_id, event, outcome.result, started)
     return json_response({"result": outcome.result, "delivery_id": delivery_id})

@@ -10,7 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import SECRET, Process, example, signed_headers
+from conftest import (
+    SECRET,
+    Process,
+    Running,
+    StartSidecar,
+    example,
+    signed_headers,
+)
 
 SHOP = "3f9c2b7e-51d4-4c1a-9e0b-7a6d2c8e1f43"
 PERSONAL_DATA = (
@@ -22,6 +29,7 @@ PERSONAL_DATA = (
     "Bordeaux",
     "203.0.113.7",
 )
+_AGE = "sidecar_seconds_since_last_applied_delivery"
 
 
 def _post(process: Process, body: dict[str, Any], **sign: Any) -> int:
@@ -197,3 +205,30 @@ def test_lookups_are_logged_only_when_asked(
         "lookup shop=nobody" in line and "reason=unknown_shop" in line
         for line in _log_lines(chatty, 2)
     )
+
+
+async def test_metrics_age_of_last_applied_delivery_survives_a_restart(
+    start_sidecar: StartSidecar,
+) -> None:
+    first = await start_sidecar()
+    status, _ = await first.post(example("envelope-subscription-created.json"))
+    assert status == 200
+    applied_at = int(first.clock.now)
+    first.clock.now += 100
+    assert _metric(await _scrape(first), _AGE) == 100
+
+    await first.server.stop()
+    second = await start_sidecar(db=first.db)
+    second.clock.now = applied_at + 250
+
+    text = await _scrape(second)
+
+    assert _metric(text, "sidecar_last_applied_delivery_timestamp_seconds") == (
+        applied_at
+    )
+    assert _metric(text, _AGE) == 250
+
+
+async def _scrape(running: Running) -> str:
+    async with running.session.get(running.lookup_url + "/metrics") as response:
+        return await response.text()
