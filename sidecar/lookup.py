@@ -103,9 +103,10 @@ async def openapi(request: web.Request) -> web.Response:
 def create_app(sidecar: Sidecar) -> web.Application:
     app = web.Application(middlewares=[json_errors])
     app[SIDECAR] = sidecar
-    # `.*` so that an empty id or one with a slash reaches the handler and gets
-    # a 400 that says what a shop id is, rather than a bare 404.
-    app.router.add_get("/entitlement/{shop:.*}", entitlement)
+    # Anything at all, newlines and slashes included, so that an empty id or
+    # one with a slash reaches the handler and gets a 400 that says what a shop
+    # id is, rather than a bare 404.
+    app.router.add_get(r"/entitlement/{shop:[\s\S]*}", entitlement)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

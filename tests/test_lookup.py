@@ -321,3 +321,15 @@ async def test_lookup_on_unix_socket_replaces_stale_socket_file(
     running = await start_sidecar(lookup_listen=f"unix:{path}")
 
     assert await running.get("/healthz") == (200, {"status": "ok"})
+
+
+@pytest.mark.parametrize(
+    "shop", ["%0A", "shop%0Aid", "%0D%0A"], ids=["lf", "mid", "crlf"]
+)
+async def test_lookup_of_shop_id_with_line_break_is_400(
+    sidecar: Running, shop: str
+) -> None:
+    status, body = await sidecar.get(f"/entitlement/{shop}")
+
+    assert status == 400
+    assert "shop id" in body["error"]
