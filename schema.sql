@@ -64,19 +64,61 @@ CREATE TABLE IF NOT EXISTS quarantine (
     body          BLOB                    -- NULL once older than the retention period
 );
 
+-- Settings of the running server that the view below needs, written at each
+-- start: the grace period, so that the view gives the same verdict as lookups.
+CREATE TABLE IF NOT EXISTS settings_in_use (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
 -- Each shop's entitlement as it stands now, with readable dates, for operators
--- working in the sqlite3 shell. The rule itself lives in sidecar/entitlement.py;
--- this view shows its inputs, not a second copy of the verdict.
+-- working in the sqlite3 shell: "why is this shop denied?" is its `reason`.
+-- The rule lives in sidecar/entitlement.py; this is a copy of it in SQL, and a
+-- test keeps the two giving the same verdict.
 CREATE VIEW IF NOT EXISTS entitlements_readable AS
 SELECT
-    e.shop_id,
-    e.product,
-    e.plan,
-    e.status,
-    datetime(e.trial_end, 'unixepoch') AS trial_end_utc,
-    datetime(e.current_term_end, 'unixepoch') AS current_term_end_utc,
-    datetime(e.updated_at, 'unixepoch') AS updated_at_utc,
-    coalesce(c.deleted, 0) AS customer_deleted,
-    e.delivery_id
-FROM entitlements AS e
-LEFT JOIN customers AS c USING (shop_id);
+    shop_id,
+    product,
+    plan,
+    status,
+    reason IN ('active', 'trial', 'non_renewing') AS entitled,
+    reason,
+    datetime(trial_end, 'unixepoch') AS trial_end_utc,
+    datetime(current_term_end, 'unixepoch') AS current_term_end_utc,
+    datetime(CASE status
+        WHEN 'in_trial' THEN trial_end + grace_s
+        WHEN 'non_renewing' THEN current_term_end + grace_s
+    END, 'unixepoch') AS entitled_until_utc,
+    datetime(updated_at, 'unixepoch') AS updated_at_utc,
+    customer_deleted,
+    delivery_id
+FROM (
+    SELECT
+        e.*,
+        coalesce(c.deleted, 0) AS customer_deleted,
+        g.grace_s,
+        CASE
+            WHEN coalesce(c.deleted, 0) THEN 'customer_deleted'
+            WHEN e.status = 'active' THEN 'active'
+            WHEN e.status = 'in_trial' THEN
+                CASE WHEN e.trial_end IS NULL OR g.now_s < e.trial_end + g.grace_s
+                    THEN 'trial' ELSE 'trial_ended' END
+            WHEN e.status = 'non_renewing' THEN
+                CASE WHEN e.current_term_end IS NULL
+                        OR g.now_s < e.current_term_end + g.grace_s
+                    THEN 'non_renewing' ELSE 'term_ended' END
+            WHEN e.status IN ('future', 'paused', 'cancelled') THEN e.status
+            ELSE 'unknown_status'
+        END AS reason
+    FROM entitlements AS e
+    LEFT JOIN customers AS c USING (shop_id)
+    CROSS JOIN (
+        SELECT
+            CAST(strftime('%s', 'now') AS INTEGER) AS now_s,
+            coalesce(
+                (SELECT CAST(value AS INTEGER) FROM settings_in_use
+                 WHERE name = 'grace_seconds'),
+                3600
+            ) AS grace_s
+    ) AS g
+);

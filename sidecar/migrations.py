@@ -8,6 +8,7 @@ steps run in one transaction, so an upgrade is applied entirely or not at all.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Callable
 
@@ -15,9 +16,19 @@ from .resources import read_resource
 
 Migration = Callable[[sqlite3.Connection], None]
 
+
+def _add_settings_in_use(conn: sqlite3.Connection) -> None:
+    # The grace period, written at each start, for the verdict in the view.
+    conn.execute(
+        "CREATE TABLE settings_in_use (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
+        " WITHOUT ROWID"
+    )
+
+
 # Version n+1 is reached by MIGRATIONS[n]. Add a step here, and the same
-# change to schema.sql, whenever the schema changes.
-MIGRATIONS: dict[int, Migration] = {}
+# change to schema.sql, whenever a table changes. Views hold no data: every
+# upgrade re-creates them all from schema.sql, so they need no step.
+MIGRATIONS: dict[int, Migration] = {1: _add_settings_in_use}
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -43,12 +54,14 @@ def migrate(
         # Another process (the server, or a command run beside it) may have
         # upgraded the database while this one waited for the write lock.
         current = _checked_version(conn, target)
+        statements = _statements(schema or read_resource("schema.sql"))
         if current == 0:
-            for statement in _statements(schema or read_resource("schema.sql")):
+            for statement in statements:
                 conn.execute(statement)
         else:
             for version in range(current, target):
                 steps[version](conn)
+            _recreate_views(conn, statements)
         conn.execute(f"PRAGMA user_version = {int(target)}")
         conn.execute("COMMIT")
     except BaseException:
@@ -67,6 +80,18 @@ def _checked_version(conn: sqlite3.Connection, target: int) -> int:
             f" knows up to {target}: upgrade the program, or restore a backup"
         )
     return current
+
+
+def _recreate_views(conn: sqlite3.Connection, statements: list[str]) -> None:
+    views = conn.execute("SELECT name FROM sqlite_master WHERE type = 'view'")
+    for (name,) in views.fetchall():
+        conn.execute(f'DROP VIEW "{name}"')
+    for statement in statements:
+        if _VIEW.match(statement):
+            conn.execute(statement)
+
+
+_VIEW = re.compile(r"\s*(--[^\n]*\n\s*)*CREATE\s+VIEW\b", re.IGNORECASE)
 
 
 def _statements(script: str) -> list[str]:

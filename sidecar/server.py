@@ -18,7 +18,13 @@ from .billing import BillingClient, client_from_settings
 from .fetch import Fetcher
 from .maintenance import Maintenance
 from .settings import Listen, Secrets, Settings
-from .storage import Writer, connect, last_applied_at
+from .storage import (
+    StorageUnavailable,
+    Writer,
+    connect,
+    last_applied_at,
+    record_settings_in_use,
+)
 from .types import Clock
 
 # How long handlers still running after the drain get to react to cancellation.
@@ -50,6 +56,13 @@ class Server:
         self._writer = Writer(settings.db, settings.busy_timeout_ms)
         await self._writer.start()
         self._reader = connect(settings.db, settings.busy_timeout_ms)
+        try:
+            await self._writer.submit(
+                lambda conn: record_settings_in_use(conn, settings.grace_seconds)
+            )
+        except StorageUnavailable as exc:
+            # Lookups can still be answered; only the sqlite3 view is behind.
+            log.server.warning("cannot record the settings in use: %s", exc)
         self._maintenance = Maintenance(
             settings.db, settings.busy_timeout_ms, settings.retention_days, self.clock
         )

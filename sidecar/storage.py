@@ -234,6 +234,15 @@ def read_entitlement(
     )
 
 
+def record_settings_in_use(conn: sqlite3.Connection, grace_s: int) -> None:
+    """Write what the entitlements_readable view needs to match lookups."""
+    conn.execute(
+        "INSERT INTO settings_in_use (name, value) VALUES ('grace_seconds', ?)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (str(grace_s),),
+    )
+
+
 def last_applied_at(conn: sqlite3.Connection) -> int | None:
     """When a webhook delivery last changed the table, from the delivery log."""
     # Walks the received_at index backwards and stops at the first match.

@@ -6,6 +6,7 @@ server's clock, and reads the verdict from the lookup listener.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -430,3 +431,68 @@ async def test_answer_from_items_catalogue_reports_plan_item_price(
         "active",
     )
     assert answer["updated_at"] == 1702000000
+
+
+# The entitlements_readable view repeats the rule in SQL for the sqlite3 shell.
+# Both must agree on every case, against the real clock: the view cannot be
+# given another, so the dates sit a minute either side of each boundary. The
+# grace period is not the default, so the view must read the one in use.
+GRACE_S = 600
+
+VIEW_CASES = [
+    ("active", None, None, False),
+    ("in_trial", None, None, False),
+    ("in_trial", -GRACE_S + 60, None, False),
+    ("in_trial", -GRACE_S - 60, None, False),
+    ("non_renewing", None, None, False),
+    ("non_renewing", None, -GRACE_S + 60, False),
+    ("non_renewing", None, -GRACE_S - 60, False),
+    ("future", None, None, False),
+    ("paused", None, None, False),
+    ("cancelled", None, None, False),
+    ("something_new", None, None, False),
+    ("active", None, None, True),
+    ("in_trial", 86400, None, True),
+]
+
+
+async def test_readable_view_gives_the_same_verdict_as_lookups(
+    start_sidecar: StartSidecar,
+) -> None:
+    sidecar = await start_sidecar({"SIDECAR_GRACE_SECONDS": str(GRACE_S)})
+    now = int(time.time())
+    sidecar.clock.now = now
+    for number, (status, trial_in, term_in, deleted) in enumerate(VIEW_CASES):
+        shop = f"view-{number}"
+        fields: dict[str, Any] = {"resource_version": 1000}
+        if trial_in is not None:
+            fields["trial_end"] = now + trial_in
+        if term_in is not None:
+            fields["current_term_end"] = now + term_in
+        await sidecar.post(subscription_event(shop, status, **fields))
+        if deleted:
+            await sidecar.post(customer_event(shop, True, 1000))
+
+    expected = []
+    for number in range(len(VIEW_CASES)):
+        _, answer = await sidecar.get(f"/entitlement/view-{number}?product=mymodule")
+        expected.append((f"view-{number}", int(answer["entitled"]), answer["reason"]))
+    in_view = sidecar.query(
+        "SELECT shop_id, entitled, reason FROM entitlements_readable"
+        " ORDER BY CAST(substr(shop_id, 6) AS INTEGER)"
+    )
+
+    assert in_view == expected
+    # Every reason the rule can give for a stored shop is covered.
+    assert {reason for _, _, reason in expected} >= {
+        "active",
+        "trial",
+        "trial_ended",
+        "non_renewing",
+        "term_ended",
+        "future",
+        "paused",
+        "cancelled",
+        "unknown_status",
+        "customer_deleted",
+    }

@@ -16,6 +16,8 @@ from sidecar.migrations import SCHEMA_VERSION, Migration, SchemaError, migrate
 from sidecar.storage import connect, open_database
 
 SCHEMA_SQL = Path(__file__).resolve().parents[1] / "schema.sql"
+# The schema as the first release created it, to upgrade from.
+SCHEMA_V1_SQL = Path(__file__).resolve().parent / "schema_v1.sql"
 
 
 def _schema(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
@@ -30,7 +32,8 @@ def _version(conn: sqlite3.Connection) -> int:
 
 def _v1_database(path: Path) -> Path:
     """A database as the first release left it, with a row in each table."""
-    conn = open_database(str(path))
+    conn = connect(str(path))
+    migrate(conn, {}, schema=SCHEMA_V1_SQL.read_text())
     assert _version(conn) == 1
     conn.execute(
         "INSERT INTO entitlements (shop_id, product, plan, status, version,"
@@ -77,8 +80,36 @@ def test_new_database_is_at_current_version_with_schema_sql(tmp_path: Path) -> N
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def _columns(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    tables = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+    ).fetchall()
+    return {
+        name: conn.execute(f"PRAGMA table_info({name})").fetchall()
+        for (name,) in tables
+    }
+
+
+def test_open_database_at_version_1_upgrades_to_the_schema_of_a_new_one(
+    tmp_path: Path,
+) -> None:
+    path = _v1_database(tmp_path / "sidecar.db")
+    fresh = open_database(str(tmp_path / "fresh.db"))
+
+    conn = open_database(str(path))
+
+    assert _version(conn) == SCHEMA_VERSION
+    assert _columns(conn) == _columns(fresh)
+    views = "SELECT name, sql FROM sqlite_master WHERE type = 'view'"
+    assert conn.execute(views).fetchall() == fresh.execute(views).fetchall()
+    assert conn.execute(
+        "SELECT shop_id, entitled, reason FROM entitlements_readable"
+    ).fetchall() == [("shop-1", 1, "active")]
+
+
 def test_open_database_at_current_version_changes_nothing(tmp_path: Path) -> None:
     path = _v1_database(tmp_path / "sidecar.db")
+    open_database(str(path)).close()
     with sqlite3.connect(path) as before:
         schema = _schema(before)
         rows = before.execute("SELECT * FROM entitlements").fetchall()

@@ -1,0 +1,82 @@
+-- The sidecar's database, at the schema version recorded in PRAGMA user_version.
+--
+-- The program applies this file to a new database and upgrades an older one in
+-- place with the migrations in sidecar/migrations.py. All times are UTC: columns
+-- ending in _at or _end are seconds, versions are milliseconds.
+
+-- Every delivery the sidecar acknowledged, applied or not. The parsed facts are
+-- kept beside the body so that `replay` can rebuild the entitlement table after
+-- the body itself has been dropped at the end of the retention period.
+CREATE TABLE IF NOT EXISTS deliveries (
+    delivery_id      TEXT PRIMARY KEY,    -- webhook-id header, else sha256 of the body
+    received_at      INTEGER NOT NULL,
+    source           TEXT NOT NULL,       -- 'webhook', 'replay', 'import', ...
+    event_type       TEXT NOT NULL,       -- canonical name, or the name as sent
+    kind             TEXT NOT NULL,       -- 'subscription', 'customer' or 'ignored'
+    result           TEXT NOT NULL,       -- 'applied', 'stale' or 'ignored'
+    shop_id          TEXT,
+    product          TEXT,
+    version          INTEGER,             -- ordering key, milliseconds
+    plan             TEXT,
+    status           TEXT,
+    trial_end        INTEGER,
+    current_term_end INTEGER,
+    updated_at       INTEGER,
+    customer_deleted INTEGER,             -- customer events only: 0 or 1
+    body             BLOB                 -- NULL once older than the retention period
+);
+CREATE INDEX IF NOT EXISTS deliveries_by_time ON deliveries (received_at);
+CREATE INDEX IF NOT EXISTS deliveries_by_shop ON deliveries (shop_id, received_at);
+
+-- One row per (shop, product): the newest subscription state seen. No personal
+-- data lives here.
+CREATE TABLE IF NOT EXISTS entitlements (
+    shop_id          TEXT NOT NULL,
+    product          TEXT NOT NULL,
+    plan             TEXT,
+    status           TEXT NOT NULL,
+    trial_end        INTEGER,
+    current_term_end INTEGER,
+    updated_at       INTEGER,             -- the subscription's own timestamp
+    version          INTEGER NOT NULL,
+    delivery_id      TEXT NOT NULL,       -- the delivery that wrote this state
+    PRIMARY KEY (shop_id, product)
+) WITHOUT ROWID;
+
+-- Customer state, which applies to every product of a shop and is versioned on
+-- its own.
+CREATE TABLE IF NOT EXISTS customers (
+    shop_id     TEXT PRIMARY KEY,
+    deleted     INTEGER NOT NULL,
+    version     INTEGER NOT NULL,
+    delivery_id TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- Bodies that passed authentication but could not be used, kept for the
+-- operator with the reason they were refused. A retried delivery updates its row.
+CREATE TABLE IF NOT EXISTS quarantine (
+    delivery_id   TEXT PRIMARY KEY,
+    first_seen_at INTEGER NOT NULL,
+    last_seen_at  INTEGER NOT NULL,
+    attempts      INTEGER NOT NULL,
+    status        INTEGER NOT NULL,       -- the HTTP status that was answered
+    reason        TEXT NOT NULL,
+    body          BLOB                    -- NULL once older than the retention period
+);
+
+-- Each shop's entitlement as it stands now, with readable dates, for operators
+-- working in the sqlite3 shell. The rule itself lives in sidecar/entitlement.py;
+-- this view shows its inputs, not a second copy of the verdict.
+CREATE VIEW IF NOT EXISTS entitlements_readable AS
+SELECT
+    e.shop_id,
+    e.product,
+    e.plan,
+    e.status,
+    datetime(e.trial_end, 'unixepoch') AS trial_end_utc,
+    datetime(e.current_term_end, 'unixepoch') AS current_term_end_utc,
+    datetime(e.updated_at, 'unixepoch') AS updated_at_utc,
+    coalesce(c.deleted, 0) AS customer_deleted,
+    e.delivery_id
+FROM entitlements AS e
+LEFT JOIN customers AS c USING (shop_id);
