@@ -82,6 +82,15 @@ class FakeBilling:
     def api_url(self) -> str:
         return self.base_url + "/v1"
 
+    def settings_env(self) -> dict[str, str]:
+        """The SIDECAR_* variables that point a sidecar at this fake."""
+        return {
+            "SIDECAR_BILLING_API_URL": self.api_url,
+            "SIDECAR_OAUTH_TOKEN_URL": self.token_url,
+            "SIDECAR_BILLING_CLIENT_ID": CLIENT_ID,
+            "SIDECAR_BILLING_CLIENT_SECRET": CLIENT_SECRET,
+        }
+
     def credentials(self, secret: str = CLIENT_SECRET, **extra: str) -> Credentials:
         return Credentials(self.token_url, CLIENT_ID, secret, **extra)
 

@@ -14,8 +14,6 @@ import pytest
 
 from conftest import FakeClock, StartSidecar, run_cli, subscription_event
 from fake_billing import (
-    CLIENT_ID,
-    CLIENT_SECRET,
     Failure,
     FakeBilling,
     running_fake_billing,
@@ -224,11 +222,8 @@ async def test_fetched_delivery_is_reproduced_by_replay(
 
 def billing_env(fake: FakeBilling, **extra: str) -> dict[str, str]:
     return {
+        **fake.settings_env(),
         "SIDECAR_FETCH_ON_MISS": "true",
-        "SIDECAR_BILLING_API_URL": fake.api_url,
-        "SIDECAR_OAUTH_TOKEN_URL": fake.token_url,
-        "SIDECAR_BILLING_CLIENT_ID": CLIENT_ID,
-        "SIDECAR_BILLING_CLIENT_SECRET": CLIENT_SECRET,
         "SIDECAR_PRODUCT": PRODUCT,
         **extra,
     }

@@ -13,7 +13,6 @@ import pytest
 
 from conftest import EVENTS_DIR, run_cli
 from fake_billing import (
-    CLIENT_ID,
     CLIENT_SECRET,
     Failure,
     FakeBilling,
@@ -356,15 +355,6 @@ def test_import_command_of_a_missing_file_exits_2(
     assert "nope.jsonl" in result.stderr
 
 
-def billing_env(fake: FakeBilling) -> dict[str, str]:
-    return {
-        "SIDECAR_BILLING_API_URL": fake.api_url,
-        "SIDECAR_OAUTH_TOKEN_URL": fake.token_url,
-        "SIDECAR_BILLING_CLIENT_ID": CLIENT_ID,
-        "SIDECAR_BILLING_CLIENT_SECRET": CLIENT_SECRET,
-    }
-
-
 async def test_reconcile_command_prints_what_changed(
     conn: sqlite3.Connection, billing: FakeBilling, tmp_path: Path
 ) -> None:
@@ -379,7 +369,7 @@ async def test_reconcile_command_prints_what_changed(
         "reconcile",
         "--db",
         str(tmp_path / "sidecar.db"),
-        env=billing_env(billing),
+        env=billing.settings_env(),
     )
 
     assert result.returncode == 0, result.stderr
@@ -402,7 +392,7 @@ async def test_reconcile_command_with_a_failure_exits_1(
         "shop-a",
         "--db",
         str(tmp_path / "sidecar.db"),
-        env=billing_env(billing),
+        env=billing.settings_env(),
     )
 
     assert result.returncode == 1
