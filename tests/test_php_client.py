@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import Running, StartSidecar, example
+from fake_billing import Failure, running_fake_billing
 
 EXAMPLE_PHP = Path(__file__).resolve().parents[1] / "clients" / "php" / "example.php"
 ACTIVE_SHOP = "3f9c2b7e-51d4-4c1a-9e0b-7a6d2c8e1f43"
@@ -141,3 +142,27 @@ async def test_php_client_default_policy_denies_when_down() -> None:
 
     assert result["entitled"] is False
     assert result["error"]
+
+
+@pytest.mark.parametrize(("policy", "entitled"), [("deny", False), ("allow", True)])
+async def test_php_client_billing_api_unreachable_on_miss_follows_policy(
+    policy: str, entitled: bool, start_sidecar: StartSidecar
+) -> None:
+    _php()
+    async with running_fake_billing() as billing:
+        billing.always_fail = Failure(503)
+        sidecar = await start_sidecar(
+            {**billing.settings_env(), "SIDECAR_FETCH_ON_MISS": "true"}
+        )
+
+        # Long enough for the sidecar's retries of the API to run out.
+        result = await run_example(
+            sidecar.lookup_url,
+            UNKNOWN_SHOP,
+            f"--on-unavailable={policy}",
+            "--timeout-ms=5000",
+        )
+
+    assert result["entitled"] is entitled
+    assert result["entitlement"] is None
+    assert "Billing API" in result["error"]

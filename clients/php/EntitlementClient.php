@@ -214,6 +214,12 @@ final class EntitlementClient
             return self::answer($record);
         }
         if ($status === 404) {
+            // The sidecar was set to ask the Billing API about shops it does
+            // not know, and could not: that is no verdict on the shop.
+            if (($record['reason'] ?? null) === 'upstream_unavailable') {
+                return self::unavailable('The sidecar could not ask the Billing API about this shop.');
+            }
+
             return self::answer(null);
         }
 
