@@ -71,6 +71,16 @@ CREATE TABLE IF NOT EXISTS settings_in_use (
     value TEXT NOT NULL
 ) WITHOUT ROWID;
 
+-- Multi-host mode only: how far this database has applied the shared stream of
+-- deliveries on NATS JetStream. Written in the same transaction as the
+-- deliveries it covers, so the database and its position never disagree, and a
+-- backup carries the position it was taken at.
+CREATE TABLE IF NOT EXISTS stream_position (
+    stream   TEXT PRIMARY KEY,            -- the JetStream stream's name
+    created  TEXT NOT NULL,               -- when that stream was created: a new one restarts at 1
+    sequence INTEGER NOT NULL             -- the last stream sequence applied here
+) WITHOUT ROWID;
+
 -- Each shop's entitlement as it stands now, with readable dates, for operators
 -- working in the sqlite3 shell: "why is this shop denied?" is its `reason`.
 -- The rule lives in sidecar/entitlement.py; this is a copy of it in SQL, and a

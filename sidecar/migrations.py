@@ -25,10 +25,22 @@ def _add_settings_in_use(conn: sqlite3.Connection) -> None:
     )
 
 
+def _add_stream_position(conn: sqlite3.Connection) -> None:
+    # Multi-host mode: the last stream sequence this database has applied.
+    conn.execute(
+        "CREATE TABLE stream_position ("
+        " stream TEXT PRIMARY KEY, created TEXT NOT NULL, sequence INTEGER NOT NULL"
+        ") WITHOUT ROWID"
+    )
+
+
 # Version n+1 is reached by MIGRATIONS[n]. Add a step here, and the same
 # change to schema.sql, whenever a table changes. Views hold no data: every
 # upgrade re-creates them all from schema.sql, so they need no step.
-MIGRATIONS: dict[int, Migration] = {1: _add_settings_in_use}
+MIGRATIONS: dict[int, Migration] = {
+    1: _add_settings_in_use,
+    2: _add_stream_position,
+}
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 

@@ -12,13 +12,14 @@ import binascii
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +28,9 @@ from pydantic_settings import (
 
 SHOP_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PRODUCT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# JetStream stream and consumer names: no dots, wildcards or spaces.
+NATS_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+NATS_SUBJECT_PATTERN = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 class SettingsError(Exception):
@@ -90,6 +94,17 @@ def default_db_path() -> str:
     return "sidecar.db"
 
 
+def default_consumer_name() -> str:
+    """Name this host's stream consumer after the host, as JetStream allows."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64]
+    return name or "sidecar"
+
+
+def split_nats_servers(value: str) -> list[str]:
+    """Split SIDECAR_NATS_URL into its server URLs."""
+    return [part for part in re.split(r"[\s,]+", value) if part]
+
+
 class Settings(BaseSettings):
     """Every setting of the sidecar, with its default."""
 
@@ -127,6 +142,23 @@ class Settings(BaseSettings):
     billing_timeout_seconds: float = Field(default=2.0, gt=0)
     fetch_on_miss: bool = False
 
+    # Several hosts share one stream of deliveries on NATS JetStream; off when
+    # no server is set (see sidecar/cluster.py).
+    nats_url: str = ""
+    nats_stream: str = "entitlement-deliveries"
+    nats_subject: str = "entitlement.deliveries"
+    nats_consumer: str = Field(default_factory=default_consumer_name)
+    nats_replicas: int = Field(default=3, ge=1, le=5)
+    nats_max_age_days: int = Field(default=7, ge=1)
+    nats_duplicate_window_seconds: int = Field(default=120, ge=1, le=86400)
+    nats_publish_timeout_seconds: float = Field(default=5.0, gt=0)
+    nats_apply_wait_seconds: float = Field(default=2.0, ge=0)
+    nats_user: str = ""
+    nats_password: str = Field(default="", repr=False)
+    nats_password_file: str = ""
+    nats_token: str = Field(default="", repr=False)
+    nats_token_file: str = ""
+
     webhook_secret: str = Field(default="", repr=False)
     webhook_secret_file: str = ""
     basic_auth: str = Field(default="", repr=False)
@@ -153,6 +185,49 @@ class Settings(BaseSettings):
             raise ValueError("expected 1 to 64 characters of A-Z a-z 0-9 _ . -")
         return value
 
+    @field_validator("nats_url")
+    @classmethod
+    def _valid_nats_url(cls, value: str) -> str:
+        # Errors never repeat the value: a URL may carry a password.
+        for url in split_nats_servers(value):
+            scheme, sep, rest = url.partition("://")
+            if not sep or scheme not in ("nats", "tls") or not rest:
+                raise ValueError("expected nats://host:port or tls://host:port URLs")
+            if "@" in rest:
+                raise ValueError(
+                    "put NATS credentials in SIDECAR_NATS_PASSWORD or"
+                    " SIDECAR_NATS_TOKEN, not in the URL"
+                )
+        return value
+
+    @field_validator("nats_stream", "nats_consumer")
+    @classmethod
+    def _valid_nats_name(cls, value: str) -> str:
+        if not NATS_NAME_PATTERN.fullmatch(value):
+            raise ValueError("expected 1 to 64 characters of A-Z a-z 0-9 _ -")
+        return value
+
+    @field_validator("nats_subject")
+    @classmethod
+    def _valid_nats_subject(cls, value: str) -> str:
+        if not NATS_SUBJECT_PATTERN.fullmatch(value) or len(value) > 200:
+            raise ValueError("expected dot-separated words of A-Z a-z 0-9 _ -")
+        return value
+
+    @field_validator("nats_max_age_days")
+    @classmethod
+    def _stream_keeps_no_body_past_retention(
+        cls, value: int, info: ValidationInfo
+    ) -> int:
+        # The stream holds delivery bodies, which carry personal data.
+        retention_days = info.data.get("retention_days")
+        if retention_days is not None and value > retention_days:
+            raise ValueError(
+                f"the stream would keep bodies longer than SIDECAR_RETENTION_DAYS"
+                f" ({retention_days})"
+            )
+        return value
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -174,6 +249,10 @@ class Settings(BaseSettings):
     def lookup_bind(self) -> Listen:
         return parse_listen(self.lookup_listen)
 
+    @property
+    def nats_servers(self) -> list[str]:
+        return split_nats_servers(self.nats_url)
+
 
 @dataclass(frozen=True)
 class Secrets:
@@ -182,6 +261,8 @@ class Secrets:
     signing_keys: tuple[str, ...] = ()
     basic_tokens: tuple[bytes, ...] = ()
     billing_client_secret: str = field(default="", repr=False)
+    nats_password: str = field(default="", repr=False)
+    nats_token: str = field(default="", repr=False)
 
     @property
     def any(self) -> bool:
@@ -194,7 +275,14 @@ _FLAG_NAMES = {
     "lookup_listen": "--lookup-listen",
     "product": "--product",
 }
-_SECRET_FIELDS = {"webhook_secret", "basic_auth", "billing_client_secret"}
+_SECRET_FIELDS = {
+    "webhook_secret",
+    "basic_auth",
+    "billing_client_secret",
+    "nats_url",
+    "nats_password",
+    "nats_token",
+}
 
 
 def setting_name(field: str) -> str:
@@ -275,7 +363,15 @@ def load_secrets(settings: Settings) -> Secrets:
         "billing-client-secret",
     )
     return Secrets(
-        signing_keys=keys, basic_tokens=tokens, billing_client_secret=billing_secret
+        signing_keys=keys,
+        basic_tokens=tokens,
+        billing_client_secret=billing_secret,
+        nats_password=_first_secret(
+            settings.nats_password, settings.nats_password_file, "nats-password"
+        ),
+        nats_token=_first_secret(
+            settings.nats_token, settings.nats_token_file, "nats-token"
+        ),
     )
 
 
