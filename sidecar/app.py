@@ -7,6 +7,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -17,6 +18,10 @@ from .metrics import Metrics
 from .settings import Secrets, Settings
 from .storage import Writer
 from .types import Clock
+
+if TYPE_CHECKING:
+    # Only typed here: the NATS client is an optional extra.
+    from .cluster import Cluster
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -35,6 +40,8 @@ class Sidecar:
     # Asks the Billing API about shops the table does not know, when enabled.
     fetcher: Fetcher | None = None
     ready: bool = False
+    # Set in multi-host mode: deliveries then go through the shared stream.
+    cluster: Cluster | None = None
 
     def __post_init__(self) -> None:
         self.authenticator = Authenticator(self.secrets)

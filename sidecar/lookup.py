@@ -80,9 +80,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if request.app[SIDECAR].ready:
-        return json_response({"status": "ready"})
-    return error_response(503, "starting")
+    sidecar = request.app[SIDECAR]
+    if not sidecar.ready:
+        return error_response(503, "starting")
+    if sidecar.cluster is not None:
+        # In multi-host mode the table is only current once caught up.
+        behind = sidecar.cluster.not_ready_reason()
+        if behind is not None:
+            return error_response(503, behind)
+    return json_response({"status": "ready"})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import stat
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -26,6 +27,9 @@ from .storage import (
     record_settings_in_use,
 )
 from .types import Clock
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 # How long handlers still running after the drain get to react to cancellation.
 CANCEL_AFTER_DRAIN_S = 0.5
@@ -48,6 +52,7 @@ class Server:
         self._billing: BillingClient | None = None
         self._fetcher: Fetcher | None = None
         self._in_flight: webhook.InFlight | None = None
+        self._cluster: Cluster | None = None
 
     async def start(self) -> None:
         """Open the database, then bind both listeners; raise if either fails."""
@@ -85,6 +90,10 @@ class Server:
             clock=self.clock,
             fetcher=self._fetcher,
         )
+        if settings.nats_servers:
+            self._cluster = _cluster(self.sidecar)
+            self.sidecar.cluster = self._cluster
+            await self._cluster.start()
 
         # Without this, a restart would look like days without a delivery.
         last_applied = last_applied_at(self._reader)
@@ -159,6 +168,8 @@ class Server:
         if self._billing is not None:
             billing, self._billing = self._billing, None
             await billing.close()
+        if self._cluster is not None:
+            await self._cluster.close()
         if self._maintenance is not None:
             await self._maintenance.close()
         if self._writer is not None:
@@ -166,6 +177,24 @@ class Server:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+def _cluster(sidecar: Sidecar) -> Cluster:
+    # Imported only here: the NATS client is an optional extra.
+    try:
+        from .cluster import Cluster
+    except ImportError:
+        raise ImportError(
+            "SIDECAR_NATS_URL is set, but the NATS client is not installed:"
+            " install the sidecar with its nats extra"
+        ) from None
+    return Cluster(
+        sidecar.settings,
+        sidecar.secrets,
+        sidecar.writer,
+        sidecar.reader,
+        sidecar.metrics,
+    )
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -184,7 +213,7 @@ async def serve(settings: Settings, secrets: Secrets, warnings: list[str]) -> in
     server = Server(settings, secrets)
     try:
         await server.start()
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, ImportError) as exc:
         log.server.error("cannot start: %s", exc)
         await server.stop()
         return 1

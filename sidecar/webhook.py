@@ -81,7 +81,7 @@ async def receive(request: web.Request) -> web.Response:
 
     try:
         event = parse_event(
-            _decode(body),
+            decode_body(body),
             request.match_info.get("event_type"),
             sidecar.settings.product,
         )
@@ -99,9 +99,15 @@ async def receive(request: web.Request) -> web.Response:
         body=body,
     )
     try:
-        outcome = await sidecar.writer.submit(
-            lambda conn: record_delivery(conn, delivery)
-        )
+        if sidecar.cluster is None:
+            outcome = await sidecar.writer.submit(
+                lambda conn: record_delivery(conn, delivery)
+            )
+        else:
+            # Every host, this one included, applies it from the shared stream.
+            outcome = await sidecar.cluster.publish(
+                delivery, request.match_info.get("event_type")
+            )
     except StorageUnavailable as exc:
         log.webhook.error("delivery %s not stored: %s", delivery_id, exc)
         return error_response(
@@ -112,10 +118,13 @@ async def receive(request: web.Request) -> web.Response:
         sidecar.metrics.note_applied(sidecar.clock())
     sidecar.metrics.count_delivery(event.event_type, outcome.result)
     _log_delivery(delivery_id, event, outcome.result, started)
-    return json_response({"result": outcome.result, "delivery_id": delivery_id})
+    # 'accepted': in the shared stream, not yet applied on this host.
+    status = 202 if outcome.result == "accepted" else 200
+    return json_response({"result": outcome.result, "delivery_id": delivery_id}, status)
 
 
-def _decode(body: bytes) -> Any:
+def decode_body(body: bytes) -> Any:
+    """Decode a webhook body as UTF-8 JSON; raise EventError with a 400."""
     # JSON on the wire is UTF-8 (RFC 8259). json.loads would also take UTF-16
     # and UTF-8-encoded surrogates, whose strings SQLite then cannot store.
     try:
