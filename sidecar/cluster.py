@@ -105,8 +105,8 @@ class Cluster:
         try:
             await self._connect_and_follow()
         except Exception:
+            # Not raised: close() awaits this task and must still succeed.
             log.exception("stopped following the delivery stream")
-            raise
 
     async def _connect_and_follow(self) -> None:
         settings = self._settings

@@ -151,8 +151,6 @@ class Follower:
             try:
                 subscription = await self._subscribe()
                 if subscription is not None:
-                    self.failing = False
-                    delay = RETRY_MIN_S
                     await self._follow(subscription)
             except (
                 nats.errors.Error,
@@ -160,16 +158,17 @@ class Follower:
                 StorageUnavailable,
                 sqlite3.Error,
             ) as exc:
-                self.caught_up = False
-                # The first failure is news; its repeats during an outage are not.
-                level = logging.DEBUG if self.failing else logging.WARNING
+                # The first failure is news; its repeats during an outage are
+                # not, and come less and less often.
+                if not self.failing:
+                    delay = RETRY_MIN_S
                 log.log(
-                    level,
+                    logging.DEBUG if self.failing else logging.WARNING,
                     "following stream %s failed, starting again from the database: %s",
                     self._stream,
                     _describe(exc),
                 )
-                self.failing = True
+                self.failing, self.caught_up = True, False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
             finally:
@@ -268,6 +267,7 @@ class Follower:
                 messages = await subscription.fetch(1, timeout=IDLE_FETCH_S)
             except TimeoutError:
                 await self._check_lag(subscription)
+                self.failing = False
                 continue
             pending = messages[-1].metadata.num_pending
             if pending:
@@ -277,6 +277,7 @@ class Follower:
                         min(pending, BATCH - 1), timeout=1.0
                     )
             await self._apply(messages)
+            self.failing = False
 
     async def _check_lag(self, subscription: JetStreamContext.PullSubscription) -> None:
         info = await subscription.consumer_info()
