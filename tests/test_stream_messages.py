@@ -162,7 +162,7 @@ def _apply(conn: sqlite3.Connection, items: list[Any]) -> list[str]:
 def test_apply_items_records_each_and_moves_the_position(
     conn: sqlite3.Connection,
 ) -> None:
-    require_nats()
+    require_nats(server_too=False)
     from sidecar.follower import Item, read_position
 
     items = [
@@ -189,7 +189,7 @@ def test_apply_items_records_each_and_moves_the_position(
 def test_apply_items_skips_what_the_position_already_covers(
     conn: sqlite3.Connection,
 ) -> None:
-    require_nats()
+    require_nats(server_too=False)
     from sidecar.follower import Item
 
     first = Item(1, _delivery(subscription_event("s", "active", resource_version=1)))
@@ -201,7 +201,7 @@ def test_apply_items_skips_what_the_position_already_covers(
 
 
 def test_apply_items_rolled_back_leaves_no_position(conn: sqlite3.Connection) -> None:
-    require_nats()
+    require_nats(server_too=False)
     from sidecar.follower import Item, apply_items, read_position
 
     conn.execute("BEGIN IMMEDIATE")
