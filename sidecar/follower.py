@@ -325,7 +325,7 @@ class Follower:
         for item, result in zip(items, results, strict=True):
             self._results[item.sequence] = result
             if result == "applied":
-                self._metrics.last_applied.set(time.time())
+                self._metrics.note_applied(time.time())
             if isinstance(item.entry, Refusal):
                 log.warning(
                     "quarantined stream message %s: %s",
