@@ -13,6 +13,7 @@ from conftest import run_cli
 from sidecar.settings import SettingsError, load_secrets, load_settings
 
 PASSWORD = "s3cret-nats-pass"
+NATS_URL = "nats://n1:4222"
 
 
 @pytest.fixture
@@ -74,11 +75,15 @@ def test_nats_url_with_several_servers_lists_each(
         ({"SIDECAR_NATS_REPLICAS": "7"}, "SIDECAR_NATS_REPLICAS"),
         ({"SIDECAR_NATS_PUBLISH_TIMEOUT_SECONDS": "0"}, "PUBLISH_TIMEOUT"),
         (
-            {"SIDECAR_NATS_MAX_AGE_DAYS": "31"},
+            {"SIDECAR_NATS_URL": NATS_URL, "SIDECAR_NATS_MAX_AGE_DAYS": "31"},
             "longer than SIDECAR_RETENTION_DAYS (30)",
         ),
         (
-            {"SIDECAR_RETENTION_DAYS": "5", "SIDECAR_NATS_MAX_AGE_DAYS": "7"},
+            {
+                "SIDECAR_NATS_URL": NATS_URL,
+                "SIDECAR_RETENTION_DAYS": "5",
+                "SIDECAR_NATS_MAX_AGE_DAYS": "7",
+            },
             "SIDECAR_NATS_MAX_AGE_DAYS",
         ),
     ],
@@ -96,6 +101,14 @@ def test_bad_nats_setting_is_refused_naming_it(
         load_settings()
 
     assert named in str(refused.value)
+
+
+def test_short_retention_without_nats_needs_no_stream_setting(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIDECAR_RETENTION_DAYS", "2")
+
+    assert load_settings().retention_days == 2
 
 
 def test_nats_url_with_a_password_is_refused_without_printing_it(

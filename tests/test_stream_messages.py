@@ -212,18 +212,18 @@ def test_apply_items_rolled_back_leaves_no_position(conn: sqlite3.Connection) ->
     assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (0,)
 
 
-def test_database_at_version_1_gains_the_stream_position_table(
+def test_database_at_version_2_gains_the_stream_position_table(
     tmp_path: Path,
 ) -> None:
     path = str(tmp_path / "sidecar.db")
     with contextlib.closing(open_database(path)) as conn:
         fresh = conn.execute("PRAGMA table_info(stream_position)").fetchall()
         conn.execute("DROP TABLE stream_position")
-        conn.execute("PRAGMA user_version = 1")
+        conn.execute("PRAGMA user_version = 2")
 
     with contextlib.closing(open_database(path)) as upgraded:
         version = upgraded.execute("PRAGMA user_version").fetchone()[0]
         columns = upgraded.execute("PRAGMA table_info(stream_position)").fetchall()
 
-    assert version == SCHEMA_VERSION == 2
+    assert version == SCHEMA_VERSION == 3
     assert columns == fresh
