@@ -30,14 +30,16 @@ from standardwebhooks.webhooks import Webhook
 from sidecar.server import Server
 from sidecar.settings import load_secrets, load_settings
 
-EVENTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "events"
+# Example bodies in the shapes Billing sends: envelope-* and draft-* are ours,
+# prestashop-docs/ holds the examples of Billing's own webhook reference.
+EVENTS_DIR = Path(__file__).resolve().parent / "events"
 SECRET = "whsec_" + base64.b64encode(b"test-signing-secret-0123456789").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"another-secret-abcdefghijklmn").decode()
 BASIC_TOKEN = "billing:s3cret-pass"
 
 
 def example(name: str) -> dict[str, Any]:
-    """Load an example body from the shared events folder."""
+    """Load an example body from tests/events/."""
     path = EVENTS_DIR / name
     if not path.exists():
         path = EVENTS_DIR / "prestashop-docs" / name
