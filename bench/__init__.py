@@ -1,0 +1,1 @@
+"""Benchmark of the sidecar against ceilings measured in the same run."""
