@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .answers import Answers
 from .auth import Authenticator
 from .fetch import Fetcher
 from .maintenance import Maintenance
@@ -45,6 +46,9 @@ class Sidecar:
 
     def __post_init__(self) -> None:
         self.authenticator = Authenticator(self.secrets)
+        self.answers = Answers(
+            self.reader, lambda: self.writer.commits, self.settings.grace_seconds
+        )
 
     async def refresh_storage_gauges(self) -> None:
         self.metrics.refresh_age(self.clock())

@@ -9,70 +9,73 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import log
-from .app import SIDECAR, Sidecar, error_response, json_errors, json_response
-from .entitlement import StoredEntitlement, answer, evaluate, unknown_shop_answer
-from .fetch import Fetcher, FetchStatus
+from .answers import Answer, serialise, unknown_shop
+from .app import SIDECAR, Sidecar, error_response, json_response
+from .fetch import FetchStatus
 from .resources import read_resource
 from .settings import PRODUCT_PATTERN, SHOP_ID_PATTERN
-from .storage import StorageUnavailable, read_entitlement
+from .storage import StorageUnavailable
 
 
 async def entitlement(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR]
     started = time.perf_counter()
     shop_id = request.match_info["shop"]
-    product = request.query.get("product", sidecar.settings.product)
-
     if not SHOP_ID_PATTERN.fullmatch(shop_id):
-        sidecar.metrics.lookups.labels("bad_request").inc()
-        return error_response(400, "a shop id is 1 to 64 characters of A-Z a-z 0-9 _ -")
-    if not PRODUCT_PATTERN.fullmatch(product):
-        sidecar.metrics.lookups.labels("bad_request").inc()
-        return error_response(
-            400, "a product is 1 to 64 characters of A-Z a-z 0-9 _ . -"
+        return _bad_request(
+            sidecar, "a shop id is 1 to 64 characters of A-Z a-z 0-9 _ -"
         )
-
-    missing_reason = "unknown_shop"
-    try:
-        row = read_entitlement(sidecar.reader, shop_id, product)
-        if row is None and sidecar.fetcher is not None:
-            row, missing_reason = await _fetch_missing(
-                sidecar.fetcher, shop_id, product
+    product = sidecar.settings.product
+    # Most lookups ask for the default product: skip parsing an empty query.
+    if request.query_string:
+        product = request.query.get("product", product)
+        if not PRODUCT_PATTERN.fullmatch(product):
+            return _bad_request(
+                sidecar, "a product is 1 to 64 characters of A-Z a-z 0-9 _ . -"
             )
+
+    try:
+        found = sidecar.answers.find(shop_id, product, sidecar.clock())
+        if not found.known and sidecar.fetcher is not None:
+            found = await _fetch_missing(sidecar, shop_id, product)
     except (sqlite3.Error, StorageUnavailable) as exc:
-        sidecar.metrics.lookups.labels("unavailable").inc()
+        sidecar.metrics.count_lookup("unavailable")
         log.lookup.error("lookup failed: %s", exc)
         return error_response(503, "storage unavailable", {"Retry-After": "1"})
 
-    if row is None:
-        status, payload = 404, unknown_shop_answer(shop_id, missing_reason)
-    else:
-        verdict = evaluate(row, sidecar.clock(), sidecar.settings.grace_seconds)
-        status, payload = 200, answer(row, verdict)
-
-    result = str(payload["reason"])
-    sidecar.metrics.lookups.labels(result).inc()
+    sidecar.metrics.count_lookup(found.reason)
     sidecar.metrics.lookup_seconds.observe(time.perf_counter() - started)
     if sidecar.settings.log_lookups:
-        log.lookup.info("lookup shop=%s product=%s reason=%s", shop_id, product, result)
-    return json_response(payload, status)
+        log.lookup.info(
+            "lookup shop=%s product=%s reason=%s", shop_id, product, found.reason
+        )
+    return web.Response(
+        body=found.body, status=found.status, content_type="application/json"
+    )
 
 
-async def _fetch_missing(
-    fetcher: Fetcher, shop_id: str, product: str
-) -> tuple[StoredEntitlement | None, str]:
+def _bad_request(sidecar: Sidecar, reason: str) -> web.Response:
+    sidecar.metrics.count_lookup("bad_request")
+    return error_response(400, reason)
+
+
+async def _fetch_missing(sidecar: Sidecar, shop_id: str, product: str) -> Answer:
     """Ask the Billing API about a shop the table does not know.
 
-    Return the stored row, if the API knew the shop, and the reason to give
-    when there is none: a shop the API could not be asked about is not the same
-    as one it does not know.
+    A shop the API could not be asked about is answered `upstream_unavailable`,
+    not `unknown_shop`, and that answer is never kept: the next lookup asks
+    again.
     """
-    fetched = await fetcher.fetch(shop_id, product)
+    assert sidecar.fetcher is not None
+    fetched = await sidecar.fetcher.fetch(shop_id, product)
     if fetched.status is FetchStatus.FOUND:
-        return fetched.entitlement, "unknown_shop"
+        assert fetched.entitlement is not None
+        return serialise(
+            fetched.entitlement, sidecar.clock(), sidecar.settings.grace_seconds
+        )
     if fetched.status is FetchStatus.UNKNOWN:
-        return None, "unknown_shop"
-    return None, "upstream_unavailable"
+        return unknown_shop(shop_id)
+    return unknown_shop(shop_id, "upstream_unavailable")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -106,15 +109,31 @@ async def openapi(request: web.Request) -> web.Response:
     )
 
 
+async def _method_not_allowed(request: web.Request) -> web.Response:
+    return error_response(405, "Method Not Allowed", {"Allow": "GET,HEAD"})
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return error_response(404, "Not Found")
+
+
 def create_app(sidecar: Sidecar) -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+    # No middleware, which every lookup would pay for: routing errors get the
+    # JSON error shape from the catch-all routes below instead.
+    app = web.Application()
     app[SIDECAR] = sidecar
-    # Anything at all, newlines and slashes included, so that an empty id or
-    # one with a slash reaches the handler and gets a 400 that says what a shop
-    # id is, rather than a bare 404.
-    app.router.add_get(r"/entitlement/{shop:[\s\S]*}", entitlement)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/openapi.yaml", openapi)
+    routes = {
+        # Anything at all, newlines and slashes included, so that an empty id
+        # or one with a slash reaches the handler and gets a 400 that says what
+        # a shop id is, rather than a bare 404.
+        r"/entitlement/{shop:[\s\S]*}": entitlement,
+        "/healthz": healthz,
+        "/readyz": readyz,
+        "/metrics": metrics,
+        "/openapi.yaml": openapi,
+    }
+    for path, handler in routes.items():
+        app.router.add_get(path, handler)
+        app.router.add_route("*", path, _method_not_allowed)
+    app.router.add_route("*", r"/{path:[\s\S]*}", _not_found)
     return app

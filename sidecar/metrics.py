@@ -74,6 +74,9 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Label children resolved once: `labels()` costs more than the count.
+        self._lookup_results: dict[str, Counter] = {}
+
     def note_applied(self, at: float) -> None:
         """Record when a delivery last changed the table (UNIX seconds)."""
         self.last_applied_at = at
@@ -83,6 +86,12 @@ class Metrics:
         """Bring the seconds-since gauge up to `now`, before a scrape."""
         if self.last_applied_at is not None:
             self.seconds_since_applied.set(max(0.0, now - self.last_applied_at))
+
+    def count_lookup(self, result: str) -> None:
+        child = self._lookup_results.get(result)
+        if child is None:
+            child = self._lookup_results[result] = self.lookups.labels(result)
+        child.inc()
 
     def count_delivery(self, event_type: str, result: str) -> None:
         label = event_type if event_type in KNOWN_EVENT_TYPES else "other"

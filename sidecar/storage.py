@@ -263,6 +263,8 @@ class Writer:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._conn: sqlite3.Connection | None = None
         self._task: asyncio.Task[None] | None = None
+        # Transactions this writer has tried to commit, whatever their outcome.
+        self.commits = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -302,6 +304,10 @@ class Writer:
                     if not future.done():
                         future.set_exception(error)
                 continue
+            finally:
+                # Counted before any request of the batch is answered, so that
+                # whatever is answered next knows the database may have changed.
+                self.commits += 1
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)

@@ -1,0 +1,144 @@
+"""Lookup answers, serialised once and kept for as long as they stay true.
+
+An answer depends on the stored row and, for a trial or a term that runs out,
+on the clock. So each answer is kept with the moment its verdict could flip
+(`Verdict.valid_until`), and every kept answer is dropped as soon as the
+database may have changed:
+
+- after any commit of this process's writer (deliveries, fetches from the
+  Billing API), before any request in that commit is answered, so the next
+  lookup sees it;
+- after a commit by anything else (`replay`, `import`, an operator in
+  `sqlite3`), which `PRAGMA data_version` on the reader's connection reveals.
+  That check costs a read transaction, as much as the rest of a cached
+  lookup, so it is made at most once per `EXTERNAL_CHECK_S`: other processes'
+  writes are seen within that time.
+
+Dropping everything on every commit is coarse, but commits are rare next to
+lookups, and a lookup that misses costs only the primary-key read that every
+lookup cost before.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .entitlement import StoredEntitlement, answer, evaluate, unknown_shop_answer
+from .storage import read_entitlement
+
+# About 600 bytes each (key, JSON body, bookkeeping): some 20 MB when full.
+MAX_ANSWERS = 32_768
+EXTERNAL_CHECK_S = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A lookup answer ready to send, and until when it holds."""
+
+    status: int
+    body: bytes
+    reason: str
+    # UTC seconds; math.inf when only a write to the database can change it.
+    valid_until: float
+
+    @property
+    def known(self) -> bool:
+        """Whether the table has a row for this shop and product."""
+        return self.status == 200
+
+
+def serialise(row: StoredEntitlement, now: float, grace_s: int) -> Answer:
+    """Evaluate `row` at `now` and encode the answer as the lookup sends it."""
+    verdict = evaluate(row, now, grace_s)
+    valid_until = math.inf if verdict.valid_until is None else verdict.valid_until
+    return Answer(200, _encode(answer(row, verdict)), verdict.reason, valid_until)
+
+
+def unknown_shop(shop_id: str, reason: str = "unknown_shop") -> Answer:
+    """The answer for a (shop, product) the table has no row for."""
+    payload = unknown_shop_answer(shop_id, reason)
+    return Answer(404, _encode(payload), str(payload["reason"]), math.inf)
+
+
+def _encode(payload: dict[str, object]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+class Answers:
+    """Answers lookups from the table, through a bounded cache of serialised answers.
+
+    Runs on the event loop with the reader connection; raises sqlite3.Error
+    when the database cannot be read. `commits` counts the commits of this
+    process's own writer.
+    """
+
+    def __init__(
+        self,
+        reader: sqlite3.Connection,
+        commits: Callable[[], int],
+        grace_s: int,
+        max_answers: int = MAX_ANSWERS,
+    ) -> None:
+        self._reader = reader
+        self._commits = commits
+        self._grace_s = grace_s
+        self._max_answers = max_answers
+        self._kept: OrderedDict[tuple[str, str], Answer] = OrderedDict()
+        self._seen_commits = -1
+        self._data_version = -1
+        self._next_check = -math.inf
+        # The latest clock reading answered for: if the clock ever goes back,
+        # an answer computed "later" may not hold, so all are dropped.
+        self._latest_now = -math.inf
+
+    def find(self, shop_id: str, product: str, now: float) -> Answer:
+        """Answer for `shop_id` and `product` as the table stands at `now`."""
+        self._forget_if_changed(now)
+        key = (shop_id, product)
+        kept = self._kept.get(key)
+        if kept is not None:
+            if now < kept.valid_until:
+                self._kept.move_to_end(key)
+                return kept
+            del self._kept[key]
+
+        row = read_entitlement(self._reader, shop_id, product)
+        if row is None:
+            found = unknown_shop(shop_id)
+        else:
+            found = serialise(row, now, self._grace_s)
+        self._keep(key, found)
+        return found
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def _forget_if_changed(self, now: float) -> None:
+        if now < self._latest_now:
+            self._kept.clear()
+        self._latest_now = now
+
+        commits = self._commits()
+        if commits != self._seen_commits:
+            self._seen_commits = commits
+            self._kept.clear()
+        elif time.monotonic() < self._next_check:
+            return
+        data_version = self._reader.execute("PRAGMA data_version").fetchone()[0]
+        self._next_check = time.monotonic() + EXTERNAL_CHECK_S
+        if data_version != self._data_version:
+            self._data_version = data_version
+            self._kept.clear()
+
+    def _keep(self, key: tuple[str, str], found: Answer) -> None:
+        if self._max_answers <= 0:
+            return
+        self._kept[key] = found
+        if len(self._kept) > self._max_answers:
+            self._kept.popitem(last=False)
