@@ -39,12 +39,11 @@ async def entitlement(request: web.Request) -> web.Response:
         if not found.known and sidecar.fetcher is not None:
             found = await _fetch_missing(sidecar, shop_id, product)
     except (sqlite3.Error, StorageUnavailable) as exc:
-        sidecar.metrics.count_lookup("unavailable")
+        sidecar.metrics.lookups.count("unavailable")
         log.lookup.error("lookup failed: %s", exc)
         return error_response(503, "storage unavailable", {"Retry-After": "1"})
 
-    sidecar.metrics.count_lookup(found.reason)
-    sidecar.metrics.lookup_seconds.observe(time.perf_counter() - started)
+    sidecar.metrics.lookups.count(found.reason, time.perf_counter() - started)
     if sidecar.settings.log_lookups:
         log.lookup.info(
             "lookup shop=%s product=%s reason=%s", shop_id, product, found.reason
@@ -55,7 +54,7 @@ async def entitlement(request: web.Request) -> web.Response:
 
 
 def _bad_request(sidecar: Sidecar, reason: str) -> web.Response:
-    sidecar.metrics.count_lookup("bad_request")
+    sidecar.metrics.lookups.count("bad_request")
     return error_response(400, reason)
 
 
