@@ -62,6 +62,12 @@ def configure(log_format: str, level: str) -> None:
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(formatter)
+    # No format here shows the thread, the process or the calling line, and
+    # looking them up costs every record a few microseconds.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     root = logging.getLogger("sidecar")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

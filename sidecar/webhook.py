@@ -48,8 +48,12 @@ async def receive(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > limit:
         return _too_large(request, limit)
     try:
-        async with asyncio.timeout(sidecar.settings.read_timeout_seconds):
+        if request.content.is_eof():
+            # All of it has arrived, so the read cannot be slow.
             body = await request.read()
+        else:
+            async with asyncio.timeout(sidecar.settings.read_timeout_seconds):
+                body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return _too_large(request, limit)
     except TimeoutError:
