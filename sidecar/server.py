@@ -210,6 +210,13 @@ async def serve(settings: Settings, secrets: Secrets, warnings: list[str]) -> in
     for warning in warnings:
         log.server.warning("%s", warning)
 
+    # Before anything can see the listeners: a SIGTERM sent as soon as the
+    # "listening" line appears must stop the server cleanly, not kill it.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
     server = Server(settings, secrets)
     try:
         await server.start()
@@ -230,10 +237,6 @@ async def serve(settings: Settings, secrets: Secrets, warnings: list[str]) -> in
     if interval is not None:
         watchdog = asyncio.create_task(systemd.ping_watchdog(interval))
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
 
     log.server.info("stopping: finishing requests in flight")
