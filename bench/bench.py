@@ -98,14 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--duration",
         type=float,
-        default=3.0,
-        help="seconds of load for each measurement in each round (default 3)",
+        default=2.0,
+        help="seconds of load for each measurement in each round (default 2)",
     )
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
-        help="rounds of alternating measurements; medians are reported (default 3)",
+        default=5,
+        help="rounds of alternating measurements; medians are reported (default 5)",
     )
     parser.add_argument(
         "--memory-shops",
