@@ -21,6 +21,7 @@ lookup cost before.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import sqlite3
@@ -112,7 +113,7 @@ class Answers:
                 return kept
             del self._kept[key]
 
-        row = read_entitlement(self._reader, shop_id, product)
+        row = self._read(shop_id, product)
         if row is None:
             found = unknown_shop(shop_id)
         else:
@@ -122,6 +123,19 @@ class Answers:
 
     def __len__(self) -> int:
         return len(self._kept)
+
+    def _read(self, shop_id: str, product: str) -> StoredEntitlement | None:
+        # Each statement outside a transaction is one of its own, and taking
+        # and dropping its read lock costs more than the read. Lookups answered
+        # in the same pass of the event loop share one read transaction.
+        if not self._reader.in_transaction:
+            self._reader.execute("BEGIN")
+            asyncio.get_running_loop().call_soon(self._end_snapshot)
+        return read_entitlement(self._reader, shop_id, product)
+
+    def _end_snapshot(self) -> None:
+        if self._reader.in_transaction:
+            self._reader.execute("ROLLBACK")
 
     def _forget_if_changed(self, now: float) -> None:
         if now < self._latest_now:
@@ -134,6 +148,8 @@ class Answers:
             self._kept.clear()
         elif time.monotonic() < self._next_check:
             return
+        # A transaction sees the database as it was when it began.
+        self._end_snapshot()
         data_version = self._reader.execute("PRAGMA data_version").fetchone()[0]
         self._next_check = time.monotonic() + EXTERNAL_CHECK_S
         if data_version != self._data_version:

@@ -197,7 +197,7 @@ async def test_cached_answer_is_byte_for_byte_the_uncached_json(
     assert bodies == [uncached, uncached]
 
 
-def test_answers_beyond_the_bound_are_dropped_and_still_correct(
+async def test_answers_beyond_the_bound_are_dropped_and_still_correct(
     tmp_path: Path,
 ) -> None:
     conn = open_database(str(tmp_path / "sidecar.db"))
@@ -219,7 +219,9 @@ def test_answers_beyond_the_bound_are_dropped_and_still_correct(
     conn.close()
 
 
-def test_answers_after_own_writer_commit_read_the_table_again(tmp_path: Path) -> None:
+async def test_answers_after_own_writer_commit_read_the_table_again(
+    tmp_path: Path,
+) -> None:
     conn = open_database(str(tmp_path / "sidecar.db"))
     other = open_database(str(tmp_path / "sidecar.db"))
     commits = [0]
