@@ -2,11 +2,12 @@
 
 wrk is the fastest client here, so it measures throughput at 32 connections
 over TCP. It cannot reach a unix socket, and its latency figures at a single
-connection are sampled rather than measured, so two Python clients do the
-rest: a blocking one that times every request on one connection (latency, and
-throughput at one connection), and a keep-alive client on uvloop for many
-connections over a unix socket. Each client is only ever compared with itself
-against the bare aiohttp server.
+connection disagree with its own throughput (their mean is several times one
+over the request rate), so two Python clients do the rest: a blocking one
+that times every request on one connection (latency, and throughput at one
+connection), and a keep-alive client on uvloop for many connections over a
+unix socket. Each client is only ever compared with itself against the bare
+aiohttp server.
 """
 
 from __future__ import annotations
