@@ -9,7 +9,7 @@ database may have changed:
   Billing API), before any request in that commit is answered, so the next
   lookup sees it;
 - after a commit by anything else (`replay`, `import`, an operator in
-  `sqlite3`), which `PRAGMA data_version` on the reader's connection reveals.
+  `sqlite3`), which `PRAGMA data_version` on the cache's own connection reveals.
   That check costs a read transaction, as much as the rest of a cached
   lookup, so it is made at most once per `EXTERNAL_CHECK_S`: other processes'
   writes are seen within that time.
@@ -36,7 +36,7 @@ from .storage import read_entitlement
 # About 600 bytes each (key, JSON body, bookkeeping): some 20 MB when full.
 MAX_ANSWERS = 32_768
 EXTERNAL_CHECK_S = 0.001
-# SQLite's page cache on the reader, four times its default: a lookup that
+# SQLite's page cache on that connection, four times its default: a lookup that
 # misses then more often finds its pages without a read from the file.
 READER_CACHE_KIB = 8192
 
@@ -77,9 +77,10 @@ def _encode(payload: dict[str, object]) -> bytes:
 class Answers:
     """Answers lookups from the table, through a bounded cache of serialised answers.
 
-    Runs on the event loop with the reader connection; raises sqlite3.Error
-    when the database cannot be read. `commits` counts the commits of this
-    process's own writer.
+    Runs on the event loop with a connection of its own, which it closes:
+    its read transactions span several lookups, so nothing else may use it.
+    Raises sqlite3.Error when the database cannot be read. `commits` counts
+    the commits of this process's own writer.
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class Answers:
         self._seen_commits = -1
         self._data_version = -1
         self._next_check = -math.inf
+        self._closed = False
         # The latest clock reading answered for: if the clock ever goes back,
         # an answer computed "later" may not hold, so all are dropped.
         self._latest_now = -math.inf
@@ -134,8 +136,14 @@ class Answers:
         return read_entitlement(self._reader, shop_id, product)
 
     def _end_snapshot(self) -> None:
-        if self._reader.in_transaction:
+        if not self._closed and self._reader.in_transaction:
             self._reader.execute("ROLLBACK")
+
+    def close(self) -> None:
+        """End any read transaction and close the connection; safe to call twice."""
+        self._end_snapshot()
+        self._closed = True
+        self._reader.close()
 
     def _forget_if_changed(self, now: float) -> None:
         if now < self._latest_now:

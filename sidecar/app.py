@@ -17,7 +17,7 @@ from .fetch import Fetcher
 from .maintenance import Maintenance
 from .metrics import Metrics
 from .settings import Secrets, Settings
-from .storage import Writer
+from .storage import Writer, connect
 from .types import Clock
 
 if TYPE_CHECKING:
@@ -47,7 +47,9 @@ class Sidecar:
     def __post_init__(self) -> None:
         self.authenticator = Authenticator(self.secrets)
         self.answers = Answers(
-            self.reader, lambda: self.writer.commits, self.settings.grace_seconds
+            connect(self.settings.db, self.settings.busy_timeout_ms),
+            lambda: self.writer.commits,
+            self.settings.grace_seconds,
         )
 
     async def refresh_storage_gauges(self) -> None:

@@ -170,6 +170,8 @@ class Server:
             await billing.close()
         if self._cluster is not None:
             await self._cluster.close()
+        if self.sidecar is not None:
+            self.sidecar.answers.close()
         if self._maintenance is not None:
             await self._maintenance.close()
         if self._writer is not None:
