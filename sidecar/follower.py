@@ -142,6 +142,8 @@ class Follower:
         self.failing = False
         # Set when following cannot go on without the operator.
         self.halted: str | None = None
+        # True until the first new message after subscribing has been taken.
+        self._may_skip = True
 
     async def run(self) -> None:
         """Follow the stream until cancelled or halted, starting over after failures."""
@@ -152,6 +154,8 @@ class Follower:
                 subscription = await self._subscribe()
                 if subscription is not None:
                     await self._follow(subscription)
+            except _OutOfOrder as exc:
+                log.info("%s; following again from the database", exc)
             except (
                 nats.errors.Error,
                 TimeoutError,
@@ -228,6 +232,7 @@ class Follower:
 
         self.applied_sequence = sequence
         self.lag = last - sequence
+        self._may_skip = True
         await self._start_consumer(sequence + 1)
         if self.lag == 0:
             self._mark_caught_up()
@@ -293,8 +298,23 @@ class Follower:
     async def _apply(self, messages: list[Msg]) -> None:
         items: list[Item] = []
         newer: NewerFormat | None = None
+        gap: tuple[int, int] | None = None
+        expected = self.applied_sequence + 1
         for message in messages:
             metadata = message.metadata
+            sequence = metadata.sequence.stream
+            # The position only moves forward, so a message applied after a
+            # later one would be skipped for good. JetStream delivers out of
+            # order when it redelivers one that was lost (a server failing
+            # over, say): stop at the hole, and start again from the database.
+            # Only the first message after subscribing may skip sequences: the
+            # stream itself has none below it.
+            if sequence > expected and not self._may_skip:
+                gap = (expected, sequence)
+                break
+            if sequence >= expected:
+                expected = sequence + 1
+                self._may_skip = False
             try:
                 entry = read_message(
                     message.headers, message.data, int(metadata.timestamp.timestamp())
@@ -302,7 +322,7 @@ class Follower:
             except NewerFormat as exc:
                 newer = exc
                 break
-            items.append(Item(metadata.sequence.stream, entry))
+            items.append(Item(sequence, entry))
 
         if items:
             created = self._created
@@ -315,6 +335,10 @@ class Follower:
             self.lag = messages[len(items) - 1].metadata.num_pending
             if self.lag == 0:
                 self._mark_caught_up()
+        if gap is not None:
+            raise _OutOfOrder(
+                f"the stream delivered sequence {gap[1]} while {gap[0]} was next"
+            )
         if newer is not None:
             self._halt(
                 f"stream {self._stream} holds a message this version cannot read"
@@ -361,6 +385,10 @@ class Follower:
         self.halted = reason
         self.caught_up = False
         log.error("%s", reason)
+
+
+class _OutOfOrder(Exception):
+    """A message arrived ahead of one this host has not applied yet."""
 
 
 def _describe(exc: BaseException) -> str:
