@@ -1,26 +1,75 @@
-"""The lookup listener: entitlement answers for local module code, and ops routes."""
+"""The lookup listener: entitlement answers for local module code, and ops routes.
+
+It runs on aiohttp's low-level server and routes by itself: every lookup would
+pay for an Application's router, match info and handler chain, which cost more
+than answering from the cache. Any path that is not a route, whatever the
+request target, gets the JSON 404; a route asked with a method other than GET
+or HEAD gets the JSON 405 with an Allow header.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import log
 from .answers import Answer, serialise, unknown_shop
-from .app import SIDECAR, Sidecar, error_response, json_response
+from .app import Sidecar, error_response, json_response
 from .fetch import FetchStatus
 from .resources import read_resource
 from .settings import PRODUCT_PATTERN, SHOP_ID_PATTERN
 from .storage import StorageUnavailable
 
+ENTITLEMENT_PREFIX = "/entitlement/"
+_READ_METHODS = frozenset({"GET", "HEAD"})
+OpsRoute = Callable[[Sidecar], Awaitable[web.Response]]
 
-async def entitlement(request: web.Request) -> web.Response:
-    sidecar = request.app[SIDECAR]
+
+def create_server(sidecar: Sidecar, **handler_options: Any) -> web.Server:
+    """The lookup listener's request handler, on aiohttp's low-level server."""
+    ops: dict[str, OpsRoute] = {
+        "/healthz": healthz,
+        "/readyz": readyz,
+        "/metrics": metrics,
+        "/openapi.yaml": openapi,
+    }
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        # The path as aiohttp's router matches it: decoded, except %2F and %25.
+        path = request.rel_url.path_safe
+        if path.startswith(ENTITLEMENT_PREFIX):
+            if request.method not in _READ_METHODS:
+                return _method_not_allowed()
+            return await entitlement(sidecar, request, _shop_of(path))
+        route = ops.get(path)
+        if route is None:
+            return error_response(404, "Not Found")
+        if request.method not in _READ_METHODS:
+            return _method_not_allowed()
+        return await route(sidecar)
+
+    return web.Server(handle, **handler_options)
+
+
+def _shop_of(path: str) -> str:
+    # Anything at all after the prefix, newlines and slashes included, so that
+    # an empty id or one with a slash gets a 400 that says what a shop id is,
+    # rather than a bare 404. Decoded as aiohttp decodes a path parameter.
+    shop_id = path[len(ENTITLEMENT_PREFIX) :]
+    if "%" in shop_id:
+        shop_id = shop_id.replace("%2F", "/").replace("%25", "%")
+    return shop_id
+
+
+async def entitlement(
+    sidecar: Sidecar, request: web.BaseRequest, shop_id: str
+) -> web.Response:
     started = time.perf_counter()
-    shop_id = request.match_info["shop"]
     if not SHOP_ID_PATTERN.fullmatch(shop_id):
         return _bad_request(
             sidecar, "a shop id is 1 to 64 characters of A-Z a-z 0-9 _ -"
@@ -77,12 +126,11 @@ async def _fetch_missing(sidecar: Sidecar, shop_id: str, product: str) -> Answer
     return unknown_shop(shop_id, "upstream_unavailable")
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(sidecar: Sidecar) -> web.Response:
     return json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    sidecar = request.app[SIDECAR]
+async def readyz(sidecar: Sidecar) -> web.Response:
     if not sidecar.ready:
         return error_response(503, "starting")
     if sidecar.cluster is not None:
@@ -93,8 +141,7 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready"})
 
 
-async def metrics(request: web.Request) -> web.Response:
-    sidecar = request.app[SIDECAR]
+async def metrics(sidecar: Sidecar) -> web.Response:
     await sidecar.refresh_storage_gauges()
     return web.Response(
         body=generate_latest(sidecar.metrics.registry),
@@ -102,37 +149,11 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
-async def openapi(request: web.Request) -> web.Response:
+async def openapi(sidecar: Sidecar) -> web.Response:
     return web.Response(
         text=read_resource("openapi.yaml"), content_type="application/yaml"
     )
 
 
-async def _method_not_allowed(request: web.Request) -> web.Response:
+def _method_not_allowed() -> web.Response:
     return error_response(405, "Method Not Allowed", {"Allow": "GET,HEAD"})
-
-
-async def _not_found(request: web.Request) -> web.Response:
-    return error_response(404, "Not Found")
-
-
-def create_app(sidecar: Sidecar) -> web.Application:
-    # No middleware, which every lookup would pay for: routing errors get the
-    # JSON error shape from the catch-all routes below instead.
-    app = web.Application()
-    app[SIDECAR] = sidecar
-    routes = {
-        # Anything at all, newlines and slashes included, so that an empty id
-        # or one with a slash reaches the handler and gets a 400 that says what
-        # a shop id is, rather than a bare 404.
-        r"/entitlement/{shop:[\s\S]*}": entitlement,
-        "/healthz": healthz,
-        "/readyz": readyz,
-        "/metrics": metrics,
-        "/openapi.yaml": openapi,
-    }
-    for path, handler in routes.items():
-        app.router.add_get(path, handler)
-        app.router.add_route("*", path, _method_not_allowed)
-    app.router.add_route("*", r"/{path:[\s\S]*}", _not_found)
-    return app

@@ -9,7 +9,7 @@ import signal
 import sqlite3
 import stat
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -45,7 +45,7 @@ class Server:
         self.secrets = secrets
         self.clock = clock
         self.sidecar: Sidecar | None = None
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.BaseRunner] = []
         self._reader: sqlite3.Connection | None = None
         self._writer: Writer | None = None
         self._maintenance: Maintenance | None = None
@@ -102,21 +102,32 @@ class Server:
 
         webhook_app = webhook.create_app(self.sidecar)
         self._in_flight = webhook_app[webhook.IN_FLIGHT]
-        await self._listen(webhook_app, settings.webhook_bind)
-        await self._listen(lookup.create_app(self.sidecar), settings.lookup_bind)
-        self.sidecar.ready = True
-
-    async def _listen(self, app: web.Application, bind: Listen) -> None:
-        runner = web.AppRunner(
-            app,
-            access_log=None,
-            # stop() drains deliveries itself first; what is still running
-            # after that is cancelled without a second wait.
-            shutdown_timeout=CANCEL_AFTER_DRAIN_S,
+        handler_options: dict[str, Any] = {
+            "access_log": None,
             # Also closes a connection whose request headers trickle in slower
             # than this, so slow clients cannot pile up.
-            keepalive_timeout=self.settings.read_timeout_seconds,
+            "keepalive_timeout": self.settings.read_timeout_seconds,
+        }
+        await self._listen(
+            web.AppRunner(
+                webhook_app,
+                shutdown_timeout=CANCEL_AFTER_DRAIN_S,
+                **handler_options,
+            ),
+            settings.webhook_bind,
         )
+        await self._listen(
+            web.ServerRunner(
+                lookup.create_server(self.sidecar, **handler_options),
+                shutdown_timeout=CANCEL_AFTER_DRAIN_S,
+            ),
+            settings.lookup_bind,
+        )
+        self.sidecar.ready = True
+
+    async def _listen(self, runner: web.BaseRunner, bind: Listen) -> None:
+        # stop() drains deliveries itself first; what is still running after
+        # that is cancelled without a second wait (CANCEL_AFTER_DRAIN_S).
         await runner.setup()
         self._runners.append(runner)
         site: web.BaseSite
