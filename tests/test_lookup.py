@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import socket
@@ -333,3 +334,66 @@ async def test_lookup_of_shop_id_with_line_break_is_400(
 
     assert status == 400
     assert "shop id" in body["error"]
+
+
+async def test_head_lookup_has_the_get_headers_and_no_body(sidecar: Running) -> None:
+    code, _ = await sidecar.post(subscription_event(SHOP, "active"))
+    assert code == 200
+    target = f"/entitlement/{SHOP}?product=mymodule"
+    async with sidecar.session.get(sidecar.lookup_url + target) as response:
+        assert response.status == 200
+        get_length = int(response.headers["Content-Length"])
+        assert get_length == len(await response.read())
+
+    request = f"HEAD {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = await _raw_exchange(sidecar, request.encode())
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert f"Content-Length: {get_length}".encode() in head.split(b"\r\n")
+    assert body == b""
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [b"OPTIONS * HTTP/1.1", b"CONNECT 127.0.0.1:1 HTTP/1.1"],
+    ids=["asterisk", "authority"],
+)
+async def test_request_target_that_is_no_path_is_json_404(
+    sidecar: Running, request_line: bytes
+) -> None:
+    request = request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+    answer = await _raw_exchange(sidecar, request)
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ")
+    assert json.loads(body)["status"] == 404
+
+
+async def test_lookup_with_expect_continue_gets_its_answer_at_once(
+    sidecar: Running,
+) -> None:
+    request = (
+        f"GET /entitlement/{SHOP} HTTP/1.1\r\nHost: x\r\n"
+        "Expect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+
+    answer = await _raw_exchange(sidecar, request.encode())
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ")
+    assert json.loads(body)["reason"] == "unknown_shop"
+
+
+async def _raw_exchange(running: Running, request: bytes) -> bytes:
+    """Send raw bytes to the lookup listener; everything it sends back until close."""
+    address = URL(running.lookup_url)
+    assert address.host is not None and address.port is not None
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
