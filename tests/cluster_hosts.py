@@ -8,7 +8,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,12 @@ from typing import Any
 import aiohttp
 
 from conftest import BASIC_TOKEN, Process, signed_headers
+from nats_cluster import NatsCluster
+from sidecar.settings import Settings
+
+PRODUCT = "mymodule"
+# The stream every host of a group shares, under its default name.
+STREAM = Settings.model_fields["nats_stream"].default
 
 # Every column of what a host stores about deliveries: hosts must agree on all.
 TABLES = {
@@ -95,6 +101,20 @@ class Host:
     def applied_sequence(self) -> int:
         rows = self.query("SELECT sequence FROM stream_position")
         return int(rows[0][0]) if rows else 0
+
+
+StartHost = Callable[..., Host]
+
+
+@contextlib.asynccontextmanager
+async def running_nats(directory: Path, size: int) -> AsyncIterator[NatsCluster]:
+    """nats-server nodes in `directory`, stopped however the test ends."""
+    cluster = NatsCluster(directory, size=size)
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def basic_auth() -> dict[str, str]:

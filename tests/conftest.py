@@ -303,6 +303,13 @@ def _drain(proc: subprocess.Popen[str]) -> None:
 
 
 @pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client of its own, for tests that talk to several sidecars."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
+        yield client
+
+
+@pytest.fixture
 def sidecar_process(tmp_path: Path) -> Iterator[Callable[..., Process]]:
     """Start sidecar child processes; any still running are killed afterwards."""
     started: list[Process] = []

@@ -16,31 +16,23 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cluster_hosts import Host, start_host, wait_until
+from cluster_hosts import (
+    PRODUCT,
+    STREAM,
+    Host,
+    StartHost,
+    running_nats,
+    start_host,
+    wait_until,
+)
 from conftest import Process, customer_event, example, subscription_event
 from nats_cluster import NatsCluster
-
-PRODUCT = "mymodule"
-STREAM = "entitlement-deliveries"
 
 
 @pytest.fixture
 async def nats3(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    cluster = NatsCluster(tmp_path, size=3)
-    try:
-        await cluster.start()
+    async with running_nats(tmp_path, 3) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
-
-
-StartHost = Callable[..., Host]
 
 
 @pytest.fixture

@@ -14,33 +14,26 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cluster_hosts import Host, start_host, wait_until
+from cluster_hosts import (
+    PRODUCT,
+    STREAM,
+    Host,
+    StartHost,
+    running_nats,
+    start_host,
+    wait_until,
+)
 from conftest import Process, run_cli, subscription_event
 from nats_cluster import NatsCluster
 
-PRODUCT = "mymodule"
-STREAM = "entitlement-deliveries"
 PASSWORD = "nats-pass-4f1e9c"
 WRONG_PASSWORD = "nats-wrong-77a2b0"
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
-        yield client
-
-
-@pytest.fixture
 async def nats1(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    server = NatsCluster(tmp_path, size=1)
-    try:
-        await server.start()
+    async with running_nats(tmp_path, 1) as server:
         yield server
-    finally:
-        server.stop()
-
-
-StartHost = Callable[..., Host]
 
 
 @pytest.fixture
