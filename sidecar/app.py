@@ -1,11 +1,10 @@
-"""What both listeners share: the running sidecar's state and JSON errors."""
+"""What both listeners share: the running sidecar's state and JSON answers."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,8 +22,6 @@ from .types import Clock
 if TYPE_CHECKING:
     # Only typed here: the NATS client is an optional extra.
     from .cluster import Cluster
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
@@ -57,9 +54,6 @@ class Sidecar:
         await self.maintenance.refresh_gauges(self.metrics)
 
 
-SIDECAR = web.AppKey("sidecar", Sidecar)
-
-
 def json_response(
     payload: object, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
@@ -77,13 +71,12 @@ def error_response(
     return json_response({"status": status, "error": reason}, status, headers)
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer routing errors (404, 405) with the same JSON shape as ours."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(exc.status, exc.reason, headers)
+def path_parameter(segment: str) -> str:
+    """Decode what follows a route's prefix in a path as aiohttp's `path_safe`.
+
+    `path_safe` is decoded except for %2F and %25, so that an encoded slash
+    cannot split a segment; a parameter taken from it still needs those two.
+    """
+    if "%" in segment:
+        segment = segment.replace("%2F", "/").replace("%25", "%")
+    return segment

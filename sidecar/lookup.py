@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import log
 from .answers import Answer, serialise, unknown_shop
-from .app import Sidecar, error_response, json_response
+from .app import Sidecar, error_response, json_response, path_parameter
 from .fetch import FetchStatus
 from .resources import read_resource
 from .settings import PRODUCT_PATTERN, SHOP_ID_PATTERN
@@ -59,11 +59,8 @@ def create_server(sidecar: Sidecar, **handler_options: Any) -> web.Server:
 def _shop_of(path: str) -> str:
     # Anything at all after the prefix, newlines and slashes included, so that
     # an empty id or one with a slash gets a 400 that says what a shop id is,
-    # rather than a bare 404. Decoded as aiohttp decodes a path parameter.
-    shop_id = path[len(ENTITLEMENT_PREFIX) :]
-    if "%" in shop_id:
-        shop_id = shop_id.replace("%2F", "/").replace("%25", "%")
-    return shop_id
+    # rather than a bare 404.
+    return path_parameter(path[len(ENTITLEMENT_PREFIX) :])
 
 
 async def entitlement(

@@ -100,8 +100,7 @@ class Server:
         if last_applied is not None:
             self.sidecar.metrics.note_applied(last_applied)
 
-        webhook_app = webhook.create_app(self.sidecar)
-        self._in_flight = webhook_app[webhook.IN_FLIGHT]
+        self._in_flight = webhook.InFlight()
         handler_options: dict[str, Any] = {
             "access_log": None,
             # Also closes a connection whose request headers trickle in slower
@@ -109,10 +108,9 @@ class Server:
             "keepalive_timeout": self.settings.read_timeout_seconds,
         }
         await self._listen(
-            web.AppRunner(
-                webhook_app,
+            web.ServerRunner(
+                webhook.create_server(self.sidecar, self._in_flight, **handler_options),
                 shutdown_timeout=CANCEL_AFTER_DRAIN_S,
-                **handler_options,
             ),
             settings.webhook_bind,
         )

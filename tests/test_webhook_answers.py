@@ -376,3 +376,38 @@ async def test_delivery_id_of_200_printable_characters_is_accepted(
 
     assert (status, answer["result"]) == (200, "applied")
     assert sidecar.query("SELECT delivery_id FROM deliveries") == [(delivery_id,)]
+
+
+# --- routes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/webhooks", 405),
+        ("PUT", "/webhooks/subscription.created", 405),
+        ("DELETE", "/webhooks", 405),
+        ("POST", "/", 404),
+        ("POST", "/webhook", 404),
+        ("POST", "/webhooks/", 404),
+        ("POST", "/webhooks/subscription/created", 404),
+        ("POST", "/entitlement/" + SHOP, 404),
+    ],
+)
+async def test_other_route_is_json_error_and_stores_nothing(
+    sidecar: Running, method: str, path: str, status: int
+) -> None:
+    before = _tables(sidecar)
+    raw = json.dumps(CREATED).encode()
+
+    async with sidecar.session.request(
+        method, sidecar.webhook_url + path, data=raw, headers=signed_headers(raw)
+    ) as response:
+        assert (response.status, response.content_type) == (status, "application/json")
+        body = await response.json()
+        allow = response.headers.get("Allow")
+
+    assert body["status"] == status
+    assert isinstance(body["error"], str) and body["error"]
+    assert allow == ("POST" if status == 405 else None)
+    assert _tables(sidecar) == before
