@@ -17,6 +17,7 @@ import re
 import time
 from typing import Any
 
+import pydantic_core
 from aiohttp import web
 
 from . import log
@@ -178,6 +179,14 @@ def decode_body(body: bytes) -> Any:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise EventError(400, "the body is not valid UTF-8") from None
+    # pydantic-core's parser reads a Billing body in half the time json.loads
+    # takes. It refuses a few texts that json.loads reads, such as a lone
+    # surrogate escape in a field the sidecar never looks at, so what it
+    # refuses goes to json.loads, which decides what is JSON.
+    try:
+        return pydantic_core.from_json(text, cache_strings="keys")
+    except ValueError:
+        pass
     try:
         return json.loads(text)
     except (ValueError, RecursionError):

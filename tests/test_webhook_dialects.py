@@ -1007,6 +1007,22 @@ async def test_body_that_is_not_a_json_object_is_rejected(
     assert sidecar.query("SELECT status, body FROM quarantine") == [(400, raw)]
 
 
+async def test_lone_surrogate_escape_in_a_field_not_read_is_accepted(
+    start_sidecar: StartSidecar,
+) -> None:
+    # Legal JSON that some fast parsers refuse: half of an emoji, as a
+    # serialiser that cuts strings by UTF-16 units might write it.
+    raw = json.dumps(_envelope(note="\ud83d")).encode()
+    assert b"\\ud83d" in raw
+    sidecar = await start_sidecar()
+
+    status, answer = await sidecar.post(raw)
+
+    assert (status, answer["result"]) == (200, "applied")
+    assert sidecar.query("SELECT status FROM entitlements") == [("active",)]
+    assert sidecar.query("SELECT body FROM deliveries") == [(raw,)]
+
+
 async def test_body_with_byte_order_mark_is_accepted(
     start_sidecar: StartSidecar,
 ) -> None:
