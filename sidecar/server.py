@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sqlite3
@@ -236,6 +237,10 @@ async def serve(settings: Settings, secrets: Secrets, warnings: list[str]) -> in
         await server.stop()
         return 1
 
+    # What start-up built (modules, settings, both listeners) lasts as long as
+    # the process. Frozen, it is left out of every later garbage collection,
+    # which otherwise walks all of it again each time.
+    gc.freeze()
     log.server.info(
         "listening for webhooks on %s and lookups on %s, database %s",
         server.address(0),
