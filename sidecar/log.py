@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 webhook = logging.getLogger("sidecar.webhook")
 lookup = logging.getLogger("sidecar.lookup")
@@ -29,6 +30,29 @@ class JournalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
         return f"<{priority}>{record.name}: {super().format(record)}"
+
+
+class PlainFormatter(logging.Formatter):
+    """Lines for a terminal or a file, each starting with the local time.
+
+    The date and time are formatted once a second rather than for every line:
+    at a burst of deliveries, strftime was a fifth of the cost of a line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            # Records are formatted under their handler's lock, one at a time.
+            self._stamp = time.strftime(
+                self.default_time_format, time.localtime(second)
+            )
+            self._second = second
+        return f"{self._stamp},{int(record.msecs):03d}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,7 +84,7 @@ def configure(log_format: str, level: str) -> None:
     elif under_journal:
         formatter = JournalFormatter("%(message)s")
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        formatter = PlainFormatter()
     handler.setFormatter(formatter)
     # No format here shows the thread, the process or the calling line, and
     # looking them up costs every record a few microseconds.
