@@ -21,7 +21,8 @@ _BAD_TIMESTAMP = "webhook-timestamp must be UNIX seconds"
 _NOT_ASCII = "webhook-id and webhook-signature must be ASCII"
 
 
-@dataclass(frozen=True)
+# Built for every delivery: not frozen, for the reason given in events.py.
+@dataclass(slots=True)
 class AuthResult:
     """The outcome of authentication; `signed_timestamp` is set only by a signature."""
 

@@ -66,7 +66,8 @@ def open_database(path: str, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
     return conn
 
 
-@dataclass(frozen=True)
+# Not frozen, for the reason given in events.py; nothing changes them.
+@dataclass(slots=True)
 class Delivery:
     """An authenticated delivery, ready to be recorded."""
 
@@ -80,7 +81,7 @@ class Delivery:
     body: bytes | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     result: str  # 'applied', 'stale', 'duplicate' or 'ignored'
     version: int | None = None
