@@ -22,13 +22,14 @@ lookup cost before.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import pydantic_core
 
 from .entitlement import StoredEntitlement, answer, evaluate, unknown_shop_answer
 from .storage import read_entitlement
@@ -61,17 +62,23 @@ def serialise(row: StoredEntitlement, now: float, grace_s: int) -> Answer:
     """Evaluate `row` at `now` and encode the answer as the lookup sends it."""
     verdict = evaluate(row, now, grace_s)
     valid_until = math.inf if verdict.valid_until is None else verdict.valid_until
-    return Answer(200, _encode(answer(row, verdict)), verdict.reason, valid_until)
+    return Answer(200, encode(answer(row, verdict)), verdict.reason, valid_until)
 
 
 def unknown_shop(shop_id: str, reason: str = "unknown_shop") -> Answer:
     """The answer for a (shop, product) the table has no row for."""
     payload = unknown_shop_answer(shop_id, reason)
-    return Answer(404, _encode(payload), str(payload["reason"]), math.inf)
+    return Answer(404, encode(payload), str(payload["reason"]), math.inf)
 
 
-def _encode(payload: dict[str, object]) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode()
+def encode(payload: dict[str, object]) -> bytes:
+    """Compact UTF-8 JSON, as every answer is sent.
+
+    pydantic-core writes it in a fifth of the time json.dumps takes, which is
+    a quarter of the cost of a lookup that misses the cache. Unlike json.dumps
+    it leaves characters beyond ASCII unescaped, as JSON in UTF-8 allows.
+    """
+    return pydantic_core.to_json(payload)
 
 
 class Answers:

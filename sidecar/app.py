@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import pydantic_core
 from aiohttp import web
 
 from .answers import Answers
@@ -58,7 +58,7 @@ def json_response(
     payload: object, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        body=json.dumps(payload, separators=(",", ":")).encode(),
+        body=pydantic_core.to_json(payload),
         status=status,
         content_type="application/json",
         headers=headers,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import log
+from .answers import encode
 from .billing import credentials_from_settings
 from .entitlement import StoredEntitlement, answer, evaluate, unknown_shop_answer
 from .settings import (
@@ -176,13 +177,20 @@ def _lookup(settings: Settings, args: argparse.Namespace) -> int:
     conn = _open_existing(settings)
     row = read_entitlement(conn, args.shop_id, settings.product)
     conn.close()
-    # The same compact JSON the lookup listener sends, so scripts can use either.
+    # The same bytes the lookup listener sends, so scripts can use either.
     if row is None:
-        print(json.dumps(unknown_shop_answer(args.shop_id), separators=(",", ":")))
+        _print_bytes(encode(unknown_shop_answer(args.shop_id)))
         return EXIT_FAILURE
     verdict = evaluate(row, time.time(), settings.grace_seconds)
-    print(json.dumps(answer(row, verdict), separators=(",", ":")))
+    _print_bytes(encode(answer(row, verdict)))
     return EXIT_OK
+
+
+def _print_bytes(line: bytes) -> None:
+    # Written as bytes: printed text would take the locale's encoding.
+    sys.stdout.flush()
+    sys.stdout.buffer.write(line + b"\n")
+    sys.stdout.buffer.flush()
 
 
 def _events(settings: Settings, args: argparse.Namespace) -> int:

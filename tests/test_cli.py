@@ -77,11 +77,20 @@ async def _populate(running: Running) -> None:
 # -- lookup -----------------------------------------------------------------
 
 # Shop, then the HTTP status and the exit code of `lookup` for it.
-LOOKUPS = {"shop-a": (200, 0), "shop-b": (200, 0), "shop-unknown": (404, 1)}
+LOOKUPS = {
+    "shop-a": (200, 0),
+    "shop-b": (200, 0),
+    "shop-c": (200, 0),
+    "shop-unknown": (404, 1),
+}
+# Characters beyond ASCII, which the answer carries unescaped, and a quote.
+PLAN_C = 'pro-\u00e9t\u00e9-\u2603-"x"'
 
 
 async def test_lookup_of_each_shop_prints_same_json_as_http(sidecar: Running) -> None:
     await _populate(sidecar)
+    shop_c = subscription_event("shop-c", "active", plan_id=PLAN_C)
+    assert await _post_at(sidecar, START + 100, shop_c, "c1") == 200
     # The command reads the real clock; give the server the same.
     sidecar.clock.now = time.time()
 
@@ -103,6 +112,7 @@ async def test_lookup_of_each_shop_prints_same_json_as_http(sidecar: Running) ->
         shop_id: (result.returncode, result.stdout.strip())
         for shop_id, result in zip(LOOKUPS, printed, strict=True)
     } == {shop_id: (LOOKUPS[shop_id][1], text) for shop_id, (_, text) in http.items()}
+    assert json.loads(http["shop-c"][1])["plan"] == PLAN_C
 
 
 # Arguments and environment, then the exit code and the product looked up.
