@@ -46,7 +46,7 @@ class Server:
         self.secrets = secrets
         self.clock = clock
         self.sidecar: Sidecar | None = None
-        self._runners: list[web.BaseRunner] = []
+        self._runners: list[web.ServerRunner] = []
         self._reader: sqlite3.Connection | None = None
         self._writer: Writer | None = None
         self._maintenance: Maintenance | None = None
@@ -109,24 +109,19 @@ class Server:
             "keepalive_timeout": self.settings.read_timeout_seconds,
         }
         await self._listen(
-            web.ServerRunner(
-                webhook.create_server(self.sidecar, self._in_flight, **handler_options),
-                shutdown_timeout=CANCEL_AFTER_DRAIN_S,
-            ),
+            webhook.create_server(self.sidecar, self._in_flight, **handler_options),
             settings.webhook_bind,
         )
         await self._listen(
-            web.ServerRunner(
-                lookup.create_server(self.sidecar, **handler_options),
-                shutdown_timeout=CANCEL_AFTER_DRAIN_S,
-            ),
+            lookup.create_server(self.sidecar, **handler_options),
             settings.lookup_bind,
         )
         self.sidecar.ready = True
 
-    async def _listen(self, runner: web.BaseRunner, bind: Listen) -> None:
+    async def _listen(self, server: web.Server, bind: Listen) -> None:
         # stop() drains deliveries itself first; what is still running after
-        # that is cancelled without a second wait (CANCEL_AFTER_DRAIN_S).
+        # that is cancelled without a second wait.
+        runner = web.ServerRunner(server, shutdown_timeout=CANCEL_AFTER_DRAIN_S)
         await runner.setup()
         self._runners.append(runner)
         site: web.BaseSite
