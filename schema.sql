@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS entitlements (
     updated_at       INTEGER,             -- the subscription's own timestamp
     version          INTEGER NOT NULL,
     delivery_id      TEXT NOT NULL,       -- the delivery that wrote this state
+    -- A copy of customers.deleted for this shop, kept by the triggers below:
+    -- write customers, never this column.
+    customer_deleted INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (shop_id, product)
 ) WITHOUT ROWID;
 
@@ -51,6 +54,46 @@ CREATE TABLE IF NOT EXISTS customers (
     version     INTEGER NOT NULL,
     delivery_id TEXT NOT NULL
 ) WITHOUT ROWID;
+
+-- A lookup reads one row of entitlements and no other table: with a million
+-- shops, reading the customer's row as well made each lookup that finds no
+-- kept answer a fifth slower. These triggers keep entitlements.customer_deleted
+-- equal to the shop's customers.deleted (0 without a row) whatever writes
+-- either table: the sidecar, `replay`, `import`, or an operator in sqlite3.
+CREATE TRIGGER IF NOT EXISTS entitlement_copies_customer_deleted
+AFTER INSERT ON entitlements
+WHEN NEW.customer_deleted IS NOT
+    coalesce((SELECT deleted FROM customers WHERE shop_id = NEW.shop_id), 0)
+BEGIN
+    UPDATE entitlements
+    SET customer_deleted =
+        coalesce((SELECT deleted FROM customers WHERE shop_id = NEW.shop_id), 0)
+    WHERE shop_id = NEW.shop_id AND product = NEW.product;
+END;
+
+CREATE TRIGGER IF NOT EXISTS customer_inserted_copies_deleted
+AFTER INSERT ON customers
+BEGIN
+    UPDATE entitlements SET customer_deleted = NEW.deleted
+    WHERE shop_id = NEW.shop_id AND customer_deleted IS NOT NEW.deleted;
+END;
+
+CREATE TRIGGER IF NOT EXISTS customer_updated_copies_deleted
+AFTER UPDATE ON customers
+BEGIN
+    UPDATE entitlements SET customer_deleted = 0
+    WHERE shop_id = OLD.shop_id AND OLD.shop_id IS NOT NEW.shop_id
+        AND customer_deleted IS NOT 0;
+    UPDATE entitlements SET customer_deleted = NEW.deleted
+    WHERE shop_id = NEW.shop_id AND customer_deleted IS NOT NEW.deleted;
+END;
+
+CREATE TRIGGER IF NOT EXISTS customer_removed_clears_deleted
+AFTER DELETE ON customers
+BEGIN
+    UPDATE entitlements SET customer_deleted = 0
+    WHERE shop_id = OLD.shop_id AND customer_deleted IS NOT 0;
+END;
 
 -- Bodies that passed authentication but could not be used, kept for the
 -- operator with the reason they were refused. A retried delivery updates its row.
@@ -105,10 +148,9 @@ SELECT
 FROM (
     SELECT
         e.*,
-        coalesce(c.deleted, 0) AS customer_deleted,
         g.grace_s,
         CASE
-            WHEN coalesce(c.deleted, 0) THEN 'customer_deleted'
+            WHEN e.customer_deleted THEN 'customer_deleted'
             WHEN e.status = 'active' THEN 'active'
             WHEN e.status = 'in_trial' THEN
                 CASE WHEN e.trial_end IS NULL OR g.now_s < e.trial_end + g.grace_s
@@ -121,7 +163,6 @@ FROM (
             ELSE 'unknown_status'
         END AS reason
     FROM entitlements AS e
-    LEFT JOIN customers AS c USING (shop_id)
     CROSS JOIN (
         SELECT
             CAST(strftime('%s', 'now') AS INTEGER) AS now_s,

@@ -34,12 +34,28 @@ def _add_stream_position(conn: sqlite3.Connection) -> None:
     )
 
 
+def _copy_customer_deleted(conn: sqlite3.Connection) -> None:
+    # Lookups read the flag from the entitlement row; the triggers that keep
+    # the copy true come with the others from schema.sql.
+    conn.execute(
+        "ALTER TABLE entitlements"
+        " ADD COLUMN customer_deleted INTEGER NOT NULL DEFAULT 0"
+    )
+    conn.execute(
+        "UPDATE entitlements SET customer_deleted ="
+        " (SELECT deleted FROM customers WHERE shop_id = entitlements.shop_id)"
+        " WHERE shop_id IN (SELECT shop_id FROM customers WHERE deleted IS NOT 0)"
+    )
+
+
 # Version n+1 is reached by MIGRATIONS[n]. Add a step here, and the same
-# change to schema.sql, whenever a table changes. Views hold no data: every
-# upgrade re-creates them all from schema.sql, so they need no step.
+# change to schema.sql, whenever a table changes. Views and triggers hold no
+# data: every upgrade re-creates them all from schema.sql, after the steps, so
+# they need no step.
 MIGRATIONS: dict[int, Migration] = {
     1: _add_settings_in_use,
     2: _add_stream_position,
+    3: _copy_customer_deleted,
 }
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
@@ -73,7 +89,7 @@ def migrate(
         else:
             for version in range(current, target):
                 steps[version](conn)
-            _recreate_views(conn, statements)
+            _recreate_derived(conn, statements)
         conn.execute(f"PRAGMA user_version = {int(target)}")
         conn.execute("COMMIT")
     except BaseException:
@@ -94,16 +110,19 @@ def _checked_version(conn: sqlite3.Connection, target: int) -> int:
     return current
 
 
-def _recreate_views(conn: sqlite3.Connection, statements: list[str]) -> None:
-    views = conn.execute("SELECT name FROM sqlite_master WHERE type = 'view'")
-    for (name,) in views.fetchall():
-        conn.execute(f'DROP VIEW "{name}"')
+def _recreate_derived(conn: sqlite3.Connection, statements: list[str]) -> None:
+    """Drop every view and trigger, and create those schema.sql has."""
+    derived = conn.execute(
+        "SELECT type, name FROM sqlite_master WHERE type IN ('view', 'trigger')"
+    )
+    for kind, name in derived.fetchall():
+        conn.execute(f'DROP {kind.upper()} IF EXISTS "{name}"')
     for statement in statements:
-        if _VIEW.match(statement):
+        if _DERIVED.match(statement):
             conn.execute(statement)
 
 
-_VIEW = re.compile(r"\s*(--[^\n]*\n\s*)*CREATE\s+VIEW\b", re.IGNORECASE)
+_DERIVED = re.compile(r"\s*(--[^\n]*\n\s*)*CREATE\s+(VIEW|TRIGGER)\b", re.IGNORECASE)
 
 
 def _statements(script: str) -> list[str]:

@@ -18,7 +18,7 @@ from .storage import apply_event
 _TABLES = {
     "entitlements": (
         "SELECT shop_id, product, plan, status, trial_end, current_term_end,"
-        " updated_at, version FROM entitlements"
+        " updated_at, version, customer_deleted FROM entitlements"
     ),
     "customers": "SELECT shop_id, '', deleted, version FROM customers",
 }

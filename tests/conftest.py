@@ -33,6 +33,8 @@ from sidecar.settings import load_secrets, load_settings
 # Example bodies in the shapes Billing sends: envelope-* and draft-* are ours,
 # prestashop-docs/ holds the examples of Billing's own webhook reference.
 EVENTS_DIR = Path(__file__).resolve().parent / "events"
+# The schema as the first release created it, to test upgrades from.
+SCHEMA_V1_SQL = Path(__file__).resolve().parent / "schema_v1.sql"
 SECRET = "whsec_" + base64.b64encode(b"test-signing-secret-0123456789").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"another-secret-abcdefghijklmn").decode()
 BASIC_TOKEN = "billing:s3cret-pass"

@@ -285,31 +285,42 @@ TAMPERING = [
     pytest.param(
         "UPDATE entitlements SET status = 'cancelled', plan = NULL"
         " WHERE shop_id = 'shop-a'",
-        "entitlements shop-a mymodule:",
+        ["entitlements shop-a mymodule:"],
         id="changed-row",
     ),
     pytest.param(
         "DELETE FROM entitlements WHERE shop_id = 'shop-b'",
-        "entitlements shop-b mymodule: None ->",
+        ["entitlements shop-b mymodule: None ->"],
         id="missing-row",
     ),
     pytest.param(
         "INSERT INTO entitlements (shop_id, product, status, version, delivery_id)"
         " VALUES ('shop-x', 'mymodule', 'active', 1, 'forged')",
-        "entitlements shop-x mymodule: (None, 'active'",
+        ["entitlements shop-x mymodule: (None, 'active'"],
         id="forged-row",
     ),
     pytest.param(
+        # The triggers copy the flag onto the shop's entitlement row too.
         "UPDATE customers SET deleted = 1",
-        "customers shop-a: (1, 5000) -> (0, 5000)",
+        [
+            "entitlements shop-a mymodule: ('mymodule-pro', 'active', None, None,"
+            " None, 2000, 1) -> ('mymodule-pro', 'active', None, None, None, 2000, 0)",
+            "customers shop-a: (1, 5000) -> (0, 5000)",
+        ],
         id="customer-row",
+    ),
+    pytest.param(
+        # Written past the triggers, straight into the copy.
+        "UPDATE entitlements SET customer_deleted = 1 WHERE shop_id = 'shop-b'",
+        ["entitlements shop-b mymodule: ("],
+        id="copied-customer-flag",
     ),
 ]
 
 
 @pytest.mark.parametrize(("tamper_sql", "reported"), TAMPERING)
 async def test_replay_of_tampered_table_reports_then_repairs_it(
-    sidecar: Running, tamper_sql: str, reported: str
+    sidecar: Running, tamper_sql: str, reported: list[str]
 ) -> None:
     await _populate(sidecar)
     original = _tables(sidecar.db)
@@ -321,12 +332,17 @@ async def test_replay_of_tampered_table_reports_then_repairs_it(
     repair = await _cli("replay", "--db", str(sidecar.db))
 
     assert dry_run.returncode == 0
-    lines = dry_run.stdout.splitlines()
-    assert len(lines) == 2 and lines[0].startswith(reported), dry_run.stdout
-    assert lines[1] == "replay would change 1 row(s)"
+    *changes, count = dry_run.stdout.splitlines()
+    assert len(changes) == len(reported), dry_run.stdout
+    for change, prefix in zip(changes, reported, strict=True):
+        assert change.startswith(prefix), dry_run.stdout
+    assert count == f"replay would change {len(reported)} row(s)"
     assert after_dry_run == tampered
     assert repair.returncode == 0
-    assert repair.stdout.splitlines() == [lines[0], "replay changed 1 row(s)"]
+    assert repair.stdout.splitlines() == [
+        *changes,
+        f"replay changed {len(reported)} row(s)",
+    ]
     assert _tables(sidecar.db) == original
 
 

@@ -11,13 +11,11 @@ from typing import Any
 
 import pytest
 
-from conftest import run_cli
+from conftest import SCHEMA_V1_SQL, run_cli
 from sidecar.migrations import SCHEMA_VERSION, Migration, SchemaError, migrate
 from sidecar.storage import connect, open_database
 
 SCHEMA_SQL = Path(__file__).resolve().parents[1] / "schema.sql"
-# The schema as the first release created it, to upgrade from.
-SCHEMA_V1_SQL = Path(__file__).resolve().parent / "schema_v1.sql"
 
 
 def _schema(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
@@ -100,11 +98,47 @@ def test_open_database_at_version_1_upgrades_to_the_schema_of_a_new_one(
 
     assert _version(conn) == SCHEMA_VERSION
     assert _columns(conn) == _columns(fresh)
-    views = "SELECT name, sql FROM sqlite_master WHERE type = 'view'"
-    assert conn.execute(views).fetchall() == fresh.execute(views).fetchall()
+    derived = (
+        "SELECT type, name, sql FROM sqlite_master"
+        " WHERE type IN ('view', 'trigger') ORDER BY type, name"
+    )
+    assert conn.execute(derived).fetchall() == fresh.execute(derived).fetchall()
     assert conn.execute(
         "SELECT shop_id, entitled, reason FROM entitlements_readable"
     ).fetchall() == [("shop-1", 1, "active")]
+
+
+def test_upgrade_copies_each_customer_flag_onto_its_entitlement_rows(
+    tmp_path: Path,
+) -> None:
+    path = _v1_database(tmp_path / "sidecar.db")
+    with sqlite3.connect(path) as old:
+        old.executemany(
+            "INSERT INTO entitlements (shop_id, product, plan, status, version,"
+            " delivery_id) VALUES (?, ?, 'pro', 'active', 1000, 'd2')",
+            [("shop-2", "mymodule"), ("shop-2", "other"), ("shop-3", "mymodule")],
+        )
+        old.execute(
+            "INSERT INTO customers (shop_id, deleted, version, delivery_id)"
+            " VALUES ('shop-2', 1, 1, 'd3')"
+        )
+
+    conn = open_database(str(path))
+
+    assert conn.execute(
+        "SELECT shop_id, product, e.customer_deleted, reason FROM entitlements AS e"
+        " JOIN entitlements_readable USING (shop_id, product) ORDER BY 1, 2"
+    ).fetchall() == [
+        ("shop-1", "mymodule", 0, "active"),
+        ("shop-2", "mymodule", 1, "customer_deleted"),
+        ("shop-2", "other", 1, "customer_deleted"),
+        ("shop-3", "mymodule", 0, "active"),
+    ]
+    # And the triggers came with the upgrade.
+    conn.execute("UPDATE customers SET deleted = 1 WHERE shop_id = 'shop-1'")
+    assert conn.execute(
+        "SELECT customer_deleted FROM entitlements WHERE shop_id = 'shop-1'"
+    ).fetchall() == [(1,)]
 
 
 def test_open_database_at_current_version_changes_nothing(tmp_path: Path) -> None:

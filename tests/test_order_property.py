@@ -261,7 +261,8 @@ def _tables(sidecar: Running, prefix: str) -> dict[str, set[tuple[Any, ...]]]:
         "entitlements": set(
             sidecar.query(
                 "SELECT shop_id, product, plan, status, trial_end, current_term_end,"
-                " updated_at, version FROM entitlements WHERE shop_id LIKE ?",
+                " updated_at, version, customer_deleted FROM entitlements"
+                " WHERE shop_id LIKE ?",
                 pattern,
             )
         ),
@@ -285,8 +286,16 @@ def _expected_tables(histories: Histories) -> dict[str, set[tuple[Any, ...]]]:
         known = newest_customer.get(customer.shop_id)
         if known is None or customer.version > known.version:
             newest_customer[customer.shop_id] = customer
+    # Each entitlement row carries its shop's newest customer flag, whichever
+    # of the two arrived first.
+    deleted = {
+        shop_id: int(customer.deleted) for shop_id, customer in newest_customer.items()
+    }
     return {
-        "entitlements": {(*key, *state.row()) for key, state in newest.items()},
+        "entitlements": {
+            (*key, *state.row(), deleted.get(key[0], 0))
+            for key, state in newest.items()
+        },
         "customers": {
             (shop_id, int(customer.deleted), customer.version)
             for shop_id, customer in newest_customer.items()

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from conftest import customer_event, example, subscription_event
+from conftest import SCHEMA_V1_SQL, customer_event, example, subscription_event
 from nats_cluster import require_nats
 from sidecar.events import parse_event
-from sidecar.migrations import SCHEMA_VERSION
-from sidecar.storage import Delivery, open_database
+from sidecar.migrations import MIGRATIONS, SCHEMA_VERSION, migrate
+from sidecar.storage import Delivery, connect, open_database
 from sidecar.stream_messages import (
     FORMAT_HEADER,
     MSG_ID,
@@ -215,15 +215,16 @@ def test_apply_items_rolled_back_leaves_no_position(conn: sqlite3.Connection) ->
 def test_database_at_version_2_gains_the_stream_position_table(
     tmp_path: Path,
 ) -> None:
-    path = str(tmp_path / "sidecar.db")
-    with contextlib.closing(open_database(path)) as conn:
+    with contextlib.closing(open_database(str(tmp_path / "fresh.db"))) as conn:
         fresh = conn.execute("PRAGMA table_info(stream_position)").fetchall()
-        conn.execute("DROP TABLE stream_position")
-        conn.execute("PRAGMA user_version = 2")
+    path = str(tmp_path / "sidecar.db")
+    # Version 2 is the first release's schema with its first step applied.
+    with contextlib.closing(connect(path)) as conn:
+        migrate(conn, {1: MIGRATIONS[1]}, schema=SCHEMA_V1_SQL.read_text())
 
     with contextlib.closing(open_database(path)) as upgraded:
         version = upgraded.execute("PRAGMA user_version").fetchone()[0]
         columns = upgraded.execute("PRAGMA table_info(stream_position)").fetchall()
 
-    assert version == SCHEMA_VERSION == 3
+    assert version == SCHEMA_VERSION
     assert columns == fresh
