@@ -1,8 +1,9 @@
 """Cached lookup answers stay true: writes and the clock are seen as without a cache.
 
-Each test first looks a shop up so that its answer is kept, then changes what
-the answer depends on (a delivery, the clock, another connection's write, the
-`replay` command) and checks the very next lookup.
+Each test first looks a shop up twice so that its answer is kept (an answer is
+kept from the second lookup on), then changes what the answer depends on (a
+delivery, the clock, another connection's write, the `replay` command) and
+checks the very next lookup.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ async def _lookup(running: Running, product: str = PRODUCT) -> dict[str, Any]:
 
 
 async def _lookup_twice(running: Running, product: str = PRODUCT) -> dict[str, Any]:
-    # The first lookup reads the table, the second is answered from the cache.
+    # Both read the table, and the second keeps the answer: the next lookup
+    # is answered from the cache unless something has dropped it.
     first = await _lookup(running, product)
     assert await _lookup(running, product) == first
     return first
@@ -184,7 +186,8 @@ async def test_cached_answer_is_byte_for_byte_the_uncached_json(
     await _store(running, subscription_event(SHOP, status, **fields))
     url = f"{running.lookup_url}/entitlement/{SHOP}?product={PRODUCT}"
     bodies = []
-    for _ in range(2):
+    # The third is the kept answer.
+    for _ in range(3):
         async with running.session.get(url) as response:
             bodies.append(await response.read())
 
@@ -194,7 +197,7 @@ async def test_cached_answer_is_byte_for_byte_the_uncached_json(
     verdict = evaluate(row, running.clock(), GRACE)
     uncached = json.dumps(answer(row, verdict), separators=(",", ":")).encode()
 
-    assert bodies == [uncached, uncached]
+    assert bodies == [uncached] * 3
 
 
 async def test_answers_beyond_the_bound_are_dropped_and_still_correct(
@@ -207,15 +210,99 @@ async def test_answers_beyond_the_bound_are_dropped_and_still_correct(
         [(f"shop-{number}", PRODUCT, "active") for number in range(4)],
     )
     answers = Answers(conn, lambda: 0, GRACE, max_answers=2)
+    # Each shop twice in a row, so that each answer is kept, over and over.
+    numbers = [number // 2 % 5 for number in range(30)]
 
-    found = [answers.find(f"shop-{number % 5}", PRODUCT, END) for number in range(10)]
+    found = [answers.find(f"shop-{number}", PRODUCT, END) for number in numbers]
 
     assert len(answers) == 2
-    assert [answer.status for answer in found] == [200, 200, 200, 200, 404] * 2
+    assert [answer.status for answer in found] == [
+        200 if number < 4 else 404 for number in numbers
+    ]
     assert all(
-        json.loads(answer.body)["shop_id"] == f"shop-{number % 5}"
-        for number, answer in enumerate(found)
+        json.loads(answer.body)["shop_id"] == f"shop-{number}"
+        for number, answer in zip(numbers, found, strict=True)
     )
+    conn.close()
+
+
+def _table_with_shops(path: Path, shops: list[str]) -> sqlite3.Connection:
+    conn = open_database(str(path))
+    conn.executemany(
+        "INSERT INTO entitlements (shop_id, product, status, version, delivery_id)"
+        " VALUES (?, ?, 'active', 1, 'test')",
+        [(shop, PRODUCT) for shop in shops],
+    )
+    return conn
+
+
+async def test_answer_is_kept_from_the_second_lookup_of_a_shop(
+    tmp_path: Path,
+) -> None:
+    conn = _table_with_shops(tmp_path / "sidecar.db", [SHOP])
+    answers = Answers(conn, lambda: 0, GRACE)
+
+    first = answers.find(SHOP, PRODUCT, END)
+    kept_after_first = (SHOP, PRODUCT) in answers
+    second = answers.find(SHOP, PRODUCT, END)
+    kept_after_second = (SHOP, PRODUCT) in answers
+    third = answers.find(SHOP, PRODUCT, END)
+
+    assert (kept_after_first, kept_after_second) == (False, True)
+    assert third is second
+    assert first.body == second.body
+    conn.close()
+
+
+async def test_shops_asked_once_do_not_push_out_answers_asked_again(
+    tmp_path: Path,
+) -> None:
+    once = [f"once-{number}" for number in range(50)]
+    conn = _table_with_shops(tmp_path / "sidecar.db", ["hot-a", "hot-b", *once])
+    answers = Answers(conn, lambda: 0, GRACE, max_answers=4)
+    for shop in ("hot-a", "hot-b") * 2:
+        answers.find(shop, PRODUCT, END)
+
+    reasons = {answers.find(shop, PRODUCT, END).reason for shop in once}
+
+    assert reasons == {"active"}
+    assert len(answers) == 2
+    assert ("hot-a", PRODUCT) in answers and ("hot-b", PRODUCT) in answers
+    conn.close()
+
+
+async def test_shops_asked_for_are_remembered_only_as_many_as_answers_kept(
+    tmp_path: Path,
+) -> None:
+    # What is remembered of shops asked for once is bounded like the answers:
+    # after as many other first lookups, a shop's next lookup is a first again.
+    shops = ["early", "other-1", "other-2", "other-3"]
+    conn = _table_with_shops(tmp_path / "sidecar.db", shops)
+    answers = Answers(conn, lambda: 0, GRACE, max_answers=2)
+    for shop in shops:
+        answers.find(shop, PRODUCT, END)
+
+    answers.find("early", PRODUCT, END)
+
+    assert ("early", PRODUCT) not in answers
+    conn.close()
+
+
+async def test_answers_are_kept_again_at_once_after_a_commit_drops_them(
+    tmp_path: Path,
+) -> None:
+    # Dropping kept answers leaves the shops known as asked for, so a busy
+    # shop's answer is kept again at its next lookup, not its second.
+    conn = _table_with_shops(tmp_path / "sidecar.db", [SHOP])
+    commits = [0]
+    answers = Answers(conn, lambda: commits[0], GRACE)
+    for _ in range(2):
+        answers.find(SHOP, PRODUCT, END)
+
+    commits[0] += 1
+    answers.find(SHOP, PRODUCT, END)
+
+    assert (SHOP, PRODUCT) in answers
     conn.close()
 
 
