@@ -95,8 +95,8 @@ def _memory(entries: list[dict[str, Any]], database: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"Filling the main database took {database['fill_s']:.1f} s. RSS is read"
-        " after distinct lookups enough to fill the answer cache; ready is from"
-        " the fork to the first 200 from /readyz."
+        " after lookups of enough distinct shops, each asked for twice, to fill"
+        " the answer cache; ready is from the fork to the first 200 from /readyz."
     )
     return "\n".join(lines)
 
