@@ -49,7 +49,10 @@ EXTERNAL_CHECK_S = 0.001
 READER_CACHE_KIB = 8192
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, for the reason given in events.py: one is built for every lookup
+# that finds no kept answer. A kept answer is shared by every lookup it serves,
+# and nothing changes it.
+@dataclass(slots=True)
 class Answer:
     """A lookup answer ready to send, and until when it holds."""
 
@@ -106,6 +109,9 @@ class Answers:
     ) -> None:
         self._reader = reader
         reader.execute(f"PRAGMA cache_size = -{READER_CACHE_KIB}")
+        # One cursor for every read, rather than a new one built and dropped
+        # by each lookup that finds no kept answer.
+        self._cursor = reader.cursor()
         self._commits = commits
         self._grace_s = grace_s
         self._max_answers = max_answers
@@ -154,7 +160,7 @@ class Answers:
         if not self._reader.in_transaction:
             self._reader.execute("BEGIN")
             asyncio.get_running_loop().call_soon(self._end_snapshot)
-        return read_entitlement(self._reader, shop_id, product)
+        return read_entitlement(self._cursor, shop_id, product)
 
     def _end_snapshot(self) -> None:
         if not self._closed and self._reader.in_transaction:

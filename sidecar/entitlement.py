@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+# Built for every lookup that finds no kept answer: not frozen, for the reason
+# given in events.py.
+@dataclass(slots=True)
 class StoredEntitlement:
     """One row of the entitlement table, as the rule needs it."""
 
@@ -25,7 +27,8 @@ class StoredEntitlement:
     customer_deleted: bool = False
 
 
-@dataclass(frozen=True)
+# Not frozen either, for the same reason.
+@dataclass(slots=True)
 class Verdict:
     entitled: bool
     reason: str
