@@ -78,6 +78,12 @@ def _scaling(rows: list[dict[str, Any]]) -> str:
             f"| {row['workload']} | {row['requests_per_s']:,.0f}"
             f" | {row['ceiling']['requests_per_s']:,.0f} | {row['ratio']:.2f} |"
         )
+    first = rows[0]
+    lines.append(
+        f"\nThe same code on two tables: each figure here is the median of"
+        f" {first['rounds_taken']} rounds of {first['duration_s']:g} s, and each"
+        " ratio the median of the ratios within a round."
+    )
     return "\n".join(lines)
 
 
