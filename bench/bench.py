@@ -53,9 +53,9 @@ SWEEP_SHOPS = MAX_ANSWERS + MAX_ANSWERS // 8
 LARGE_SHOPS = 1_000_000
 # Lookups at LARGE_SHOPS are compared with the main table: the same code on
 # two tables, which the target allows to differ by 10%. On a shared machine the
-# ratio of a single 2 s round has ranged from 0.74 to 1.13, so that a median of
-# five rounds cannot tell 0.85 from 0.95. This comparison takes this many
-# times the rounds, each half as long.
+# ratio of a single round has ranged from 0.6 to 1.5, so that a median of five
+# rounds cannot tell 0.85 from 0.95. This comparison takes this many times the
+# rounds, each half as long.
 SCALING_ROUNDS_FACTOR = 3
 
 log = logging.getLogger("bench")
