@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS customers (
 ) WITHOUT ROWID;
 
 -- A lookup reads one row of entitlements and no other table: with a million
--- shops, reading the customer's row as well made each lookup that finds no
+-- shops, reading the customer's row as well makes each lookup that finds no
 -- kept answer a fifth slower. These triggers keep entitlements.customer_deleted
 -- equal to the shop's customers.deleted (0 without a row) whatever writes
 -- either table: the sidecar, `replay`, `import`, or an operator in sqlite3.

@@ -15,8 +15,7 @@ database may have changed:
   writes are seen within that time.
 
 Dropping everything on every commit is coarse, but commits are rare next to
-lookups, and a lookup that misses costs only the primary-key read that every
-lookup cost before.
+lookups, and a lookup that misses costs one primary-key read.
 
 An answer is kept from the second lookup of its shop on, not the first. Most
 lookups come again and again from the shops that are in use; a pass over
