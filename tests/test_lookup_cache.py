@@ -325,3 +325,27 @@ async def test_answers_after_own_writer_commit_read_the_table_again(
     assert answers.find(SHOP, PRODUCT, END).reason == "active"
     other.close()
     conn.close()
+
+
+async def test_lookup_connection_left_idle_holds_back_no_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # Lookups share a read transaction for a while; once they stop, it must
+    # end on its own, or the WAL could never be checkpointed and would grow.
+    path = tmp_path / "sidecar.db"
+    conn = _table_with_shops(path, [SHOP])
+    answers = Answers(conn, lambda: 0, GRACE)
+    assert answers.find(SHOP, PRODUCT, END).reason == "active"
+
+    writer = sqlite3.connect(path, timeout=0, isolation_level=None)
+    writer.execute(
+        "UPDATE entitlements SET status = 'paused' WHERE shop_id = ?", (SHOP,)
+    )
+    await asyncio.sleep(3 * EXTERNAL_CHECK_S)
+    busy, frames, checkpointed = writer.execute(
+        "PRAGMA wal_checkpoint(TRUNCATE)"
+    ).fetchone()
+
+    assert (busy, frames, checkpointed) == (0, 0, 0)
+    writer.close()
+    answers.close()
