@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,11 +55,12 @@ WARM_UP_S = 1.0
 SWEEP_SHOPS = 8 * MAX_ANSWERS
 LARGE_SHOPS = 1_000_000
 # Lookups at LARGE_SHOPS are compared with the main table: the same code on
-# two tables, which the target allows to differ by 10%. On a shared machine the
-# ratio of a single round has ranged from 0.6 to 1.5, so that a median of five
-# rounds cannot tell 0.85 from 0.95. This comparison takes this many times the
-# rounds, each half as long.
-SCALING_ROUNDS_FACTOR = 3
+# two tables, which the target allows to differ by 10%. Measured one after the
+# other, the ratio of a single round ranged from 0.6 to 1.5 on a shared
+# machine, as its load came and went between the two halves of a round. Both
+# sidecars are loaded at once instead, sharing the server core, so that the
+# machine's load falls on both alike; and over this many times the rounds.
+SCALING_ROUNDS_FACTOR = 2
 
 log = logging.getLogger("bench")
 
@@ -459,18 +461,15 @@ def _scaling(
 ) -> list[dict[str, Any]]:
     log.info("lookups at %s shops beside %s", f"{LARGE_SHOPS:,}", f"{args.shops:,}")
     rounds = args.rounds * SCALING_ROUNDS_FACTOR
-    duration_s = max(1.0, args.duration / 2)
-    measurements: dict[str, Measurement] = {}
-    for workload in WORKLOADS:
-        for name, server, shops in (
-            ("main", main_sidecar, args.shops),
-            ("large", large, LARGE_SHOPS),
-        ):
-            measurements[f"{name}/{workload}"] = _scaled(
-                server, workload, shops, duration_s
-            )
-    _scaled(large, "cold", LARGE_SHOPS, WARM_UP_S)()
-    taken = _alternate(rounds, measurements)
+    sides = ((main_sidecar, args.shops), (large, LARGE_SHOPS))
+    _side_by_side(sides, "cold", 3 * WARM_UP_S)
+    taken: dict[str, list[Measured]] = {}
+    for number in range(rounds):
+        log.info("  round %d of %d", number + 1, rounds)
+        for workload in WORKLOADS:
+            main, other = _side_by_side(sides, workload, args.duration)
+            taken.setdefault(f"main/{workload}", []).append(main)
+            taken.setdefault(f"large/{workload}", []).append(other)
     return [
         {
             "workload": workload,
@@ -478,22 +477,33 @@ def _scaling(
             "shops": LARGE_SHOPS,
             "ceiling_shops": args.shops,
             "rounds_taken": rounds,
-            "duration_s": duration_s,
+            "duration_s": args.duration,
             **_summary(taken[f"large/{workload}"], taken[f"main/{workload}"]),
         }
         for workload in WORKLOADS
     ]
 
 
-def _scaled(
-    server: ServerProcess, workload: str, shops: int, duration_s: float
-) -> Measurement:
-    return lambda: _measure(
-        server,
-        lambda: load.run_wrk(
-            server.lookup_address, MANY_CONNECTIONS, duration_s, workload, shops
-        ),
-    )
+def _side_by_side(
+    sides: Sequence[tuple[ServerProcess, int]], workload: str, duration_s: float
+) -> list[Measured]:
+    """Load every server at once, each with a wrk of its own on the load core.
+
+    The servers share the server core, so each runs at about its share of it,
+    but whatever else the machine does meanwhile slows all of them alike.
+    """
+
+    def measure(server: ServerProcess, shops: int) -> Measured:
+        return _measure(
+            server,
+            lambda: load.run_wrk(
+                server.lookup_address, MANY_CONNECTIONS, duration_s, workload, shops
+            ),
+        )
+
+    with ThreadPoolExecutor(len(sides)) as pool:
+        running = [pool.submit(measure, server, shops) for server, shops in sides]
+        return [future.result() for future in running]
 
 
 @contextlib.contextmanager

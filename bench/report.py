@@ -80,9 +80,11 @@ def _scaling(rows: list[dict[str, Any]]) -> str:
         )
     first = rows[0]
     lines.append(
-        f"\nThe same code on two tables: each figure here is the median of"
-        f" {first['rounds_taken']} rounds of {first['duration_s']:g} s, and each"
-        " ratio the median of the ratios within a round."
+        f"\nThe same code on two tables, both loaded at once and sharing the"
+        " server core, so that each runs at about half its speed alone: each"
+        f" figure here is the median of {first['rounds_taken']} rounds of"
+        f" {first['duration_s']:g} s, and each ratio the median of the ratios"
+        " within a round."
     )
     return "\n".join(lines)
 
@@ -117,7 +119,8 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     checks: list[tuple[str, str, bool | None]] = []
 
     def lookup(workload: str, connections: int) -> dict[str, Any]:
-        for row in results["lookups"]:
+        rows: list[dict[str, Any]] = results["lookups"]
+        for row in rows:
             if (row["transport"], row["workload"], row["connections"]) == (
                 "tcp",
                 workload,
