@@ -330,8 +330,9 @@ async def test_answers_after_own_writer_commit_read_the_table_again(
 async def test_lookup_connection_left_idle_holds_back_no_checkpoint(
     tmp_path: Path,
 ) -> None:
-    # Lookups share a read transaction for a while; once they stop, it must
-    # end on its own, or the WAL could never be checkpointed and would grow.
+    # Lookups answered in one pass of the event loop share a read transaction;
+    # once they stop, it must end on its own, or the WAL could never be
+    # checkpointed and would grow.
     path = tmp_path / "sidecar.db"
     conn = _table_with_shops(path, [SHOP])
     answers = Answers(conn, lambda: 0, GRACE)
