@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -50,12 +51,41 @@ def require_nats(server_too: bool = True) -> str:
     return server or ""
 
 
+# Ports handed out by this test run, so that no two nodes are given the same one.
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A loopback port that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A loopback port that nothing listens on, and the kernel will not lend out.
+
+    A port the kernel picks for `bind(0)` comes from the ephemeral range, which
+    is also where every outgoing connection gets its local port: between this
+    call and nats-server's own bind, a route between two nodes or a client of a
+    sidecar can take it. Ports below that range are only ever taken on purpose,
+    so a free one there stays free.
+    """
+    low, high = _ephemeral_range()
+    candidates = list(range(max(1024, low // 2), low)) or list(range(high + 1, 65536))
+    random.shuffle(candidates)
+    for port in candidates:
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError("no free loopback port outside the ephemeral range")
 
 
 @dataclass
