@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 _MB = 1024 * 1024
@@ -70,13 +71,15 @@ def _ingest(figures: dict[str, Any]) -> str:
 def _scaling(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| lookups, 32 conns | req/s at 1,000,000 shops | req/s at main size"
-        " | x main size |",
-        "|---|--:|--:|--:|",
+        " | x main size | middle half of rounds |",
+        "|---|--:|--:|--:|--:|",
     ]
     for row in rows:
+        low, high = _middle_half(row)
         lines.append(
             f"| {row['workload']} | {row['requests_per_s']:,.0f}"
-            f" | {row['ceiling']['requests_per_s']:,.0f} | {row['ratio']:.2f} |"
+            f" | {row['ceiling']['requests_per_s']:,.0f} | {row['ratio']:.2f}"
+            f" | {low:.2f} to {high:.2f} |"
         )
     first = rows[0]
     lines.append(
@@ -84,9 +87,21 @@ def _scaling(rows: list[dict[str, Any]]) -> str:
         " server core, so that each runs at about half its speed alone: each"
         f" figure here is the median of {first['rounds_taken']} rounds of"
         f" {first['duration_s']:g} s, and each ratio the median of the ratios"
-        " within a round."
+        " within a round; half of those ratios fall in the last column's range."
     )
     return "\n".join(lines)
+
+
+def _middle_half(row: dict[str, Any]) -> tuple[float, float]:
+    """The first and third quartiles of the ratios within a round."""
+    ratios = [
+        run["requests_per_s"] / ceiling["requests_per_s"]
+        for run, ceiling in zip(row["rounds"], row["ceiling_rounds"], strict=True)
+    ]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return low, high
 
 
 def _memory(entries: list[dict[str, Any]], database: dict[str, Any]) -> str:
