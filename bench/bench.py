@@ -60,7 +60,7 @@ LARGE_SHOPS = 1_000_000
 # machine, as its load came and went between the two halves of a round. Both
 # sidecars are loaded at once instead, sharing the server core, so that the
 # machine's load falls on both alike. A round's ratio still lands anywhere
-# from 0.8 to 1.1, and the median of 10 rounds moved by 0.03 either way
+# from 0.7 to 1.1, and the median of 10 rounds moved by 0.03 either way
 # between runs of the same code, which is as much as a change in the code
 # would move it; hence this many times the rounds.
 SCALING_ROUNDS_FACTOR = 6
