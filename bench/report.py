@@ -93,7 +93,7 @@ def _scaling(rows: list[dict[str, Any]]) -> str:
 
 
 def _middle_half(row: dict[str, Any]) -> tuple[float, float]:
-    """The first and third quartiles of the ratios within a round."""
+    """The first and third quartiles of the rounds' ratios."""
     ratios = [
         run["requests_per_s"] / ceiling["requests_per_s"]
         for run, ceiling in zip(row["rounds"], row["ceiling_rounds"], strict=True)
