@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         "--large",
         action="store_true",
         help=f"also fill {LARGE_SHOPS:,} shops: memory, start-up, and lookups"
-        " beside the main database (adds about a minute and a half)",
+        " beside the main database (adds about two and a half minutes)",
     )
     parser.add_argument(
         "--profile",

@@ -98,8 +98,6 @@ def _middle_half(row: dict[str, Any]) -> tuple[float, float]:
         run["requests_per_s"] / ceiling["requests_per_s"]
         for run, ceiling in zip(row["rounds"], row["ceiling_rounds"], strict=True)
     ]
-    if len(ratios) < 2:
-        return ratios[0], ratios[0]
     low, _, high = statistics.quantiles(ratios, n=4)
     return low, high
 
