@@ -156,7 +156,9 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 def _fill(directory: Path) -> Path:
     filler = directory / "filler"
-    with filler.open("wb") as fh:
+    # Unbuffered: a buffered file would try the write that failed again when
+    # it is closed, and fail again.
+    with filler.open("wb", buffering=0) as fh:
         try:
             while True:
                 fh.write(b"\0" * 65536)
