@@ -95,6 +95,40 @@ BEGIN
     WHERE shop_id = OLD.shop_id AND customer_deleted IS NOT 0;
 END;
 
+-- Every change to entitlements, whoever makes it, so that a process holding a
+-- copy of the table in memory (the server, for lookups) can bring just the
+-- changed rows up to date. `seq` only grows (AUTOINCREMENT), even once old
+-- entries are deleted: the server deletes those it has applied.
+CREATE TABLE IF NOT EXISTS entitlement_changes (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    shop_id TEXT NOT NULL,
+    product TEXT NOT NULL
+);
+
+CREATE TRIGGER IF NOT EXISTS entitlement_inserted_logs_change
+AFTER INSERT ON entitlements
+BEGIN
+    INSERT INTO entitlement_changes (shop_id, product)
+    VALUES (NEW.shop_id, NEW.product);
+END;
+
+CREATE TRIGGER IF NOT EXISTS entitlement_updated_logs_change
+AFTER UPDATE ON entitlements
+BEGIN
+    INSERT INTO entitlement_changes (shop_id, product)
+    SELECT OLD.shop_id, OLD.product
+    WHERE OLD.shop_id IS NOT NEW.shop_id OR OLD.product IS NOT NEW.product;
+    INSERT INTO entitlement_changes (shop_id, product)
+    VALUES (NEW.shop_id, NEW.product);
+END;
+
+CREATE TRIGGER IF NOT EXISTS entitlement_deleted_logs_change
+AFTER DELETE ON entitlements
+BEGIN
+    INSERT INTO entitlement_changes (shop_id, product)
+    VALUES (OLD.shop_id, OLD.product);
+END;
+
 -- Bodies that passed authentication but could not be used, kept for the
 -- operator with the reason they were refused. A retried delivery updates its row.
 CREATE TABLE IF NOT EXISTS quarantine (

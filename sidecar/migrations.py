@@ -48,6 +48,16 @@ def _copy_customer_deleted(conn: sqlite3.Connection) -> None:
     )
 
 
+def _add_entitlement_changes(conn: sqlite3.Connection) -> None:
+    # The log the server's in-memory copy of entitlements follows; the
+    # triggers that fill it come with the others from schema.sql. A copy
+    # always starts from the whole table, so the log can start empty.
+    conn.execute(
+        "CREATE TABLE entitlement_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " shop_id TEXT NOT NULL, product TEXT NOT NULL)"
+    )
+
+
 # Version n+1 is reached by MIGRATIONS[n]. Add a step here, and the same
 # change to schema.sql, whenever a table changes. Views and triggers hold no
 # data: every upgrade re-creates them all from schema.sql, after the steps, so
@@ -56,6 +66,7 @@ MIGRATIONS: dict[int, Migration] = {
     1: _add_settings_in_use,
     2: _add_stream_position,
     3: _copy_customer_deleted,
+    4: _add_entitlement_changes,
 }
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
