@@ -15,7 +15,10 @@ database may have changed:
   writes are seen within that time.
 
 Dropping everything on every commit is coarse, but commits are rare next to
-lookups, and a lookup that misses costs one primary-key read.
+lookups, and a lookup that misses costs little: it finds its row in the
+in-memory copy of the table (`table_copy`), which the same two signals bring
+up to date before any lookup reads it. Until that copy is loaded, and for the
+rare row it cannot hold, a lookup that misses reads its row from SQLite.
 
 An answer is kept from the second lookup of its shop on, not the first. Most
 lookups come again and again from the shops that are in use; a pass over
@@ -27,8 +30,10 @@ answer nobody asks for again, and push out the answers that are.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import sqlite3
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -38,6 +43,9 @@ import pydantic_core
 
 from .entitlement import StoredEntitlement, answer, evaluate, unknown_shop_answer
 from .storage import read_entitlement
+from .table_copy import NOT_COPIED, TableCopy, load
+
+log = logging.getLogger("sidecar.answers")
 
 # Enough for the shops in use at any one time, not for the table. A cache that
 # holds a good share of the table answers more uniform lookups from memory on a
@@ -51,6 +59,9 @@ EXTERNAL_CHECK_S = 0.001
 # SQLite's page cache on that connection, four times its default: a lookup that
 # misses then more often finds its pages without a read from the file.
 READER_CACHE_KIB = 8192
+# After a failed load of the table copy, lookups read SQLite this long before
+# the next attempt.
+COPY_RETRY_S = 30.0
 
 
 # Not frozen, for the reason given in events.py: one is built for every lookup
@@ -101,7 +112,8 @@ class Answers:
     Runs on the event loop with a connection of its own, which it closes:
     its read transactions span several lookups, so nothing else may use it.
     Raises sqlite3.Error when the database cannot be read. `commits` counts
-    the commits of this process's own writer.
+    the commits of this process's own writer. Given `copy_from`, which opens
+    another connection, `start_copy` loads the table into memory through it.
     """
 
     def __init__(
@@ -110,6 +122,7 @@ class Answers:
         commits: Callable[[], int],
         grace_s: int,
         max_answers: int = MAX_ANSWERS,
+        copy_from: Callable[[], sqlite3.Connection] | None = None,
     ) -> None:
         self._reader = reader
         reader.execute(f"PRAGMA cache_size = -{READER_CACHE_KIB}")
@@ -130,6 +143,11 @@ class Answers:
         # The latest clock reading answered for: if the clock ever goes back,
         # an answer computed "later" may not hold, so all are dropped.
         self._latest_now = -math.inf
+        self._copy_from = copy_from
+        self._copy: TableCopy | None = None
+        self._copying: asyncio.Task[None] | None = None
+        self._stop_copying = threading.Event()
+        self._next_copy = -math.inf
 
     def find(self, shop_id: str, product: str, now: float) -> Answer:
         """Answer for `shop_id` and `product` as the table stands at `now`."""
@@ -157,7 +175,69 @@ class Answers:
         """Whether an answer for (shop_id, product) is kept."""
         return key in self._kept
 
+    @property
+    def copied_rows(self) -> int:
+        """Rows of the table held in memory: 0 until the copy is loaded."""
+        return 0 if self._copy is None else len(self._copy)
+
+    @property
+    def copy_position(self) -> int | None:
+        """The last change to the table the copy has applied, if it is loaded."""
+        return None if self._copy is None else self._copy.position
+
+    def start_copy(self) -> None:
+        """Load the table into memory off the event loop, unless that is under way.
+
+        Lookups read SQLite until the copy is loaded, then the copy.
+        """
+        if self._copy_from is None or self._copying is not None or self._closed:
+            return
+        self._copy = None
+        self._copying = asyncio.get_running_loop().create_task(self._load_copy())
+
+    async def _load_copy(self) -> None:
+        assert self._copy_from is not None
+        started = time.monotonic()
+        try:
+            copy = await asyncio.to_thread(self._load_in_thread, self._copy_from)
+        except sqlite3.Error as exc:
+            log.warning(
+                "cannot copy the table for lookups, reading it from SQLite"
+                " for %.0f s: %s",
+                COPY_RETRY_S,
+                exc,
+            )
+            self._next_copy = time.monotonic() + COPY_RETRY_S
+            return
+        finally:
+            self._copying = None
+        if copy is None or self._closed:
+            return
+        log.info(
+            "copied %d rows for lookups in %.2f s",
+            len(copy),
+            time.monotonic() - started,
+        )
+        self._copy = copy
+        # The next lookup brings the copy up to date before it reads it.
+        self._data_version = -1
+        self._next_check = -math.inf
+
+    def _load_in_thread(
+        self, copy_from: Callable[[], sqlite3.Connection]
+    ) -> TableCopy | None:
+        conn = copy_from()
+        try:
+            return load(conn, self._stop_copying)
+        finally:
+            conn.close()
+
     def _read(self, shop_id: str, product: str) -> StoredEntitlement | None:
+        copy = self._copy
+        if copy is not None:
+            row = copy.get(shop_id, product)
+            if row is not NOT_COPIED:
+                return row
         # Each statement outside a transaction is one of its own, and taking
         # and dropping its read lock costs more than the read. Lookups answered
         # in the same pass of the event loop share one read transaction.
@@ -171,9 +251,16 @@ class Answers:
             self._reader.execute("ROLLBACK")
 
     def close(self) -> None:
-        """End any read transaction and close the connection; safe to call twice."""
+        """End any read transaction and close the connection; safe to call twice.
+
+        A load of the copy still running stops at its next batch of rows.
+        """
+        self._stop_copying.set()
+        if self._copying is not None:
+            self._copying.cancel()
         self._end_snapshot()
         self._closed = True
+        self._copy = None
         self._reader.close()
 
     def _forget_if_changed(self, now: float) -> None:
@@ -182,18 +269,28 @@ class Answers:
         self._latest_now = now
 
         commits = self._commits()
-        if commits != self._seen_commits:
-            self._seen_commits = commits
-            self._kept.clear()
-        elif time.monotonic() < self._next_check:
+        if commits == self._seen_commits and time.monotonic() < self._next_check:
             return
         # A transaction sees the database as it was when it began.
         self._end_snapshot()
         data_version = self._reader.execute("PRAGMA data_version").fetchone()[0]
-        self._next_check = time.monotonic() + EXTERNAL_CHECK_S
-        if data_version != self._data_version:
-            self._data_version = data_version
+        if commits != self._seen_commits or data_version != self._data_version:
             self._kept.clear()
+            # Both are noted only once the copy has followed: should reading
+            # the changes fail, the next lookup tries again.
+            self._follow_changes()
+            self._seen_commits = commits
+            self._data_version = data_version
+        self._next_check = time.monotonic() + EXTERNAL_CHECK_S
+
+    def _follow_changes(self) -> None:
+        copy = self._copy
+        if copy is None:
+            if self._copying is None and time.monotonic() >= self._next_copy:
+                self.start_copy()
+        elif not copy.catch_up(self._reader):
+            self._copy = None
+            self.start_copy()
 
     def _keep(self, key: tuple[str, str], found: Answer) -> None:
         if self._max_answers <= 0:

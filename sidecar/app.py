@@ -47,10 +47,12 @@ class Sidecar:
             connect(self.settings.db, self.settings.busy_timeout_ms),
             lambda: self.writer.commits,
             self.settings.grace_seconds,
+            copy_from=lambda: connect(self.settings.db, self.settings.busy_timeout_ms),
         )
 
     async def refresh_storage_gauges(self) -> None:
         self.metrics.refresh_age(self.clock())
+        self.metrics.copied_rows.set(self.answers.copied_rows)
         await self.maintenance.refresh_gauges(self.metrics)
 
 

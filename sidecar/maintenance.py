@@ -1,4 +1,4 @@
-"""Background upkeep on a connection of its own: retention and storage gauges.
+"""Background upkeep on a connection of its own: retention, the change log, gauges.
 
 These queries may scan whole tables, so they run through aiosqlite's thread
 and never hold up the event loop or the delivery writer for long: the purge
@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+from collections.abc import Callable
 
 import aiosqlite
 
@@ -22,6 +23,10 @@ log = logging.getLogger("sidecar.maintenance")
 
 PURGE_INTERVAL_S = 3600.0
 PURGE_BATCH = 1000
+# A change to entitlements is logged for the lookups' copy of the table, and
+# deleted here once that copy has applied it: a burst of a million changes
+# keeps its log rows no longer than this.
+PRUNE_INTERVAL_S = 60.0
 
 
 class Maintenance:
@@ -34,6 +39,7 @@ class Maintenance:
         self._clock = clock
         self._conn: aiosqlite.Connection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._pruning: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._conn = await aiosqlite.connect(
@@ -65,6 +71,37 @@ class Maintenance:
                     break
         return total
 
+    def prune_changes(self, applied: Callable[[], int | None]) -> None:
+        """Delete, from now on, the logged changes up to `applied()` (if not None)."""
+        self._pruning = asyncio.create_task(
+            self._prune_forever(applied), name="change log"
+        )
+
+    async def prune_changes_up_to(self, position: int) -> int:
+        """Delete the logged changes up to `position`; return how many."""
+        assert self._conn is not None
+        total = 0
+        while True:
+            cursor = await self._conn.execute(
+                "DELETE FROM entitlement_changes WHERE seq IN (SELECT seq"
+                " FROM entitlement_changes WHERE seq <= ? ORDER BY seq LIMIT ?)",
+                (position, PURGE_BATCH),
+            )
+            total += cursor.rowcount
+            if cursor.rowcount < PURGE_BATCH:
+                return total
+
+    async def _prune_forever(self, applied: Callable[[], int | None]) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL_S)
+            position = applied()
+            if position is None:
+                continue
+            try:
+                await self.prune_changes_up_to(position)
+            except sqlite3.Error as exc:
+                log.warning("cannot prune the change log, will retry: %s", exc)
+
     async def _purge_forever(self) -> None:
         while True:
             try:
@@ -94,11 +131,12 @@ class Maintenance:
 
     async def close(self) -> None:
         """Stop the purge and close the connection; safe to call twice."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._pruning):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._pruning = None
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.close()

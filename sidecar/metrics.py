@@ -79,6 +79,12 @@ class Metrics:
             "Refused deliveries kept in quarantine.",
             registry=self.registry,
         )
+        self.copied_rows = Gauge(
+            "sidecar_lookup_copied_rows",
+            "Rows of the entitlement table held in memory for lookups;"
+            " 0 while that copy is loading, when lookups read SQLite.",
+            registry=self.registry,
+        )
         # Label children resolved once: `labels()` costs more than the count.
         self._delivery_counts: dict[tuple[str, str], Counter] = {}
 

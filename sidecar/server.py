@@ -91,6 +91,11 @@ class Server:
             clock=self.clock,
             fetcher=self._fetcher,
         )
+        # Lookups read SQLite until this copy of the table is loaded.
+        self.sidecar.answers.start_copy()
+        self._maintenance.prune_changes(
+            lambda: self.sidecar.answers.copy_position if self.sidecar else None
+        )
         if settings.nats_servers:
             self._cluster = _cluster(self.sidecar)
             self.sidecar.cluster = self._cluster
