@@ -180,7 +180,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results["database"]["bytes"] = _database_bytes(db)
     env = {"SIDECAR_WEBHOOK_SECRET": SECRET, "SIDECAR_PRODUCT": PRODUCT}
 
-    with start_sidecar(db, "127.0.0.1:0", env) as sidecar:
+    with start_sidecar(db, "127.0.0.1:0", env, args.shops) as sidecar:
         sample = _sample_answer(sidecar)
         results["answer_bytes"] = len(sample)
         with start_baseline(sample) as bare:
@@ -199,7 +199,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     socket_dir = Path(tempfile.mkdtemp(prefix="sidecar-bench-", dir="/tmp"))
     try:
         with (
-            start_sidecar(db, f"unix:{socket_dir}/lookup.sock", env) as sidecar,
+            start_sidecar(
+                db, f"unix:{socket_dir}/lookup.sock", env, args.shops
+            ) as sidecar,
             start_baseline(sample, f"unix:{socket_dir}/bare.sock") as bare,
         ):
             results["lookups"] += _lookups("unix", sidecar, bare, args)
@@ -214,11 +216,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             continue
         with (
             _filled(workdir, shops) as other_db,
-            start_sidecar(other_db, "127.0.0.1:0", env) as other,
+            start_sidecar(other_db, "127.0.0.1:0", env, shops) as other,
         ):
             memory.append(_memory_of(other, shops, _database_bytes(other_db)))
             if shops == LARGE_SHOPS:
-                with start_sidecar(db, "127.0.0.1:0", env) as main_sidecar:
+                with start_sidecar(db, "127.0.0.1:0", env, args.shops) as main_sidecar:
                     results["scaling"] = _scaling(main_sidecar, other, args)
     results["memory"] = sorted(memory, key=lambda entry: entry["shops"])
     return results
@@ -454,6 +456,7 @@ def _memory_of(
         "rss_bytes": sidecar.rss_bytes(),
         "database_bytes": database_bytes,
         "ready_s": sidecar.ready_s,
+        "copied_s": sidecar.copied_s,
         # The sweep asks for each shop twice.
         "swept_shops": swept.requests // 2,
     }

@@ -33,12 +33,16 @@ class StartError(RuntimeError):
 
 @dataclass
 class ServerProcess:
-    """A server pinned to the server core; `ready_s` counts from the fork."""
+    """A server pinned to the server core; `ready_s` counts from the fork.
+
+    So does `copied_s`, for a sidecar: until then, its lookups read SQLite.
+    """
 
     proc: subprocess.Popen[str]
     lookup_address: str
     webhook_address: str = ""
     ready_s: float = 0.0
+    copied_s: float = 0.0
     output: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=50)
     )
@@ -79,8 +83,14 @@ class ServerProcess:
             self.proc.wait(10)
 
 
-def start_sidecar(db: Path, lookup_listen: str, env: dict[str, str]) -> ServerProcess:
-    """Run `python -m sidecar serve` and wait until /readyz answers 200."""
+def start_sidecar(
+    db: Path, lookup_listen: str, env: dict[str, str], shops: int
+) -> ServerProcess:
+    """Run `python -m sidecar serve`; wait until it has its `shops` in memory.
+
+    It answers lookups from the moment /readyz answers 200, but from SQLite
+    until it holds its copy of the table: every figure is measured after that.
+    """
     full_env = {
         key: value
         for key, value in os.environ.items()
@@ -111,6 +121,8 @@ def start_sidecar(db: Path, lookup_listen: str, env: dict[str, str]) -> ServerPr
     _wait_until_ready(server, "/readyz")
     server.ready_s = time.perf_counter() - started
     _drain(server, proc.stderr)
+    _wait_until_copied(server, shops)
+    server.copied_s = time.perf_counter() - started
     return server
 
 
@@ -195,6 +207,23 @@ def _wait_until_ready(server: ServerProcess, path: str) -> None:
         time.sleep(0.001)
     server.stop()
     raise StartError(f"{path} did not answer 200:\n" + "".join(server.output))
+
+
+_COPIED_ROWS = re.compile(rb"^sidecar_lookup_copied_rows (\S+)$", re.MULTILINE)
+
+
+def _wait_until_copied(server: ServerProcess, rows: int) -> None:
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        _, metrics = http_get(server.lookup_address, "/metrics")
+        match = _COPIED_ROWS.search(metrics)
+        if match is not None and float(match.group(1)) >= rows:
+            return
+        time.sleep(0.05)
+    server.stop()
+    raise StartError(
+        f"the sidecar did not copy {rows:,} rows:\n" + "".join(server.output)
+    )
 
 
 def _drain(server: ServerProcess, stream: IO[str]) -> None:
