@@ -56,9 +56,6 @@ log = logging.getLogger("sidecar.answers")
 # once, about 0.3 MB more.
 MAX_ANSWERS = 4096
 EXTERNAL_CHECK_S = 0.001
-# SQLite's page cache on that connection, four times its default: a lookup that
-# misses then more often finds its pages without a read from the file.
-READER_CACHE_KIB = 8192
 # After a failed load of the table copy, lookups read SQLite this long before
 # the next attempt.
 COPY_RETRY_S = 30.0
@@ -125,7 +122,6 @@ class Answers:
         copy_from: Callable[[], sqlite3.Connection] | None = None,
     ) -> None:
         self._reader = reader
-        reader.execute(f"PRAGMA cache_size = -{READER_CACHE_KIB}")
         # One cursor for every read, rather than a new one built and dropped
         # by each lookup that finds no kept answer.
         self._cursor = reader.cursor()

@@ -43,11 +43,15 @@ class Sidecar:
 
     def __post_init__(self) -> None:
         self.authenticator = Authenticator(self.secrets)
+
+        def open_connection() -> sqlite3.Connection:
+            return connect(self.settings.db, self.settings.busy_timeout_ms)
+
         self.answers = Answers(
-            connect(self.settings.db, self.settings.busy_timeout_ms),
+            open_connection(),
             lambda: self.writer.commits,
             self.settings.grace_seconds,
-            copy_from=lambda: connect(self.settings.db, self.settings.busy_timeout_ms),
+            copy_from=open_connection,
         )
 
     async def refresh_storage_gauges(self) -> None:

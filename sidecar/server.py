@@ -92,10 +92,9 @@ class Server:
             fetcher=self._fetcher,
         )
         # Lookups read SQLite until this copy of the table is loaded.
-        self.sidecar.answers.start_copy()
-        self._maintenance.prune_changes(
-            lambda: self.sidecar.answers.copy_position if self.sidecar else None
-        )
+        answers = self.sidecar.answers
+        answers.start_copy()
+        self._maintenance.prune_changes(lambda: answers.copy_position)
         if settings.nats_servers:
             self._cluster = _cluster(self.sidecar)
             self.sidecar.cluster = self._cluster

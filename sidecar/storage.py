@@ -222,7 +222,7 @@ def read_entitlement(
     if row is None:
         return None
     # Positional arguments, and a comparison rather than bool(): both cost
-    # less, and this runs for every lookup that finds no kept answer.
+    # less, and this runs for every lookup until the table is in memory.
     plan, status, trial_end, current_term_end, updated_at, deleted = row
     return StoredEntitlement(
         shop_id,

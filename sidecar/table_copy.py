@@ -1,10 +1,11 @@
 """Every row of the entitlement table, packed in memory, for lookups.
 
 A lookup that no kept answer serves would otherwise read its row from SQLite.
-With a million shops the table is some 130 MB against an 8 MB page cache, so
-nearly every such lookup reads a page from the file, and lookups slow down as
-the table grows. The copy holds each row in about 50 bytes instead (with
-Billing's UUID shop ids), and finds it in the same few steps at any size.
+With a million shops the table is some 130 MB against a page cache of a few
+MB, so nearly every such lookup reads a page from the file, and lookups slow
+down as the table grows. The copy holds each row in about 50 bytes instead
+(with Billing's UUID shop ids), and finds it in the same few steps at any
+size.
 
 SQLite stays the truth. The copy starts from the whole table, read in one
 transaction beside the position of `entitlement_changes` in that transaction;
@@ -45,6 +46,13 @@ _CHANGES_SQL = (
     " WHERE c.seq > ? ORDER BY c.seq"
 )
 _POSITION_SQL = "SELECT seq FROM sqlite_sequence WHERE name = 'entitlement_changes'"
+
+
+def _position(conn: sqlite3.Connection) -> int:
+    """The sequence number of the latest change logged (0 before the first)."""
+    found = conn.execute(_POSITION_SQL).fetchone()
+    return 0 if found is None else int(found[0])
+
 
 # Applying a change costs a few microseconds on the event loop. More changes
 # than this at once (a replay, an import) are cheaper to take by loading the
@@ -216,8 +224,7 @@ class TableCopy:
         # themselves agree.
         conn.execute("BEGIN")
         try:
-            found = conn.execute(_POSITION_SQL).fetchone()
-            latest = 0 if found is None else found[0]
+            latest = _position(conn)
             if latest == self.position:
                 return True
             if not 0 < latest - self.position <= CATCH_UP_LIMIT:
@@ -290,10 +297,10 @@ def load(conn: sqlite3.Connection, stop: threading.Event) -> TableCopy | None:
     """
     conn.execute("BEGIN")
     try:
-        found = conn.execute(_POSITION_SQL).fetchone()
+        position = _position(conn)
         count = conn.execute("SELECT count(*) FROM entitlements").fetchone()[0]
         copy = TableCopy(count)
-        copy.position = 0 if found is None else found[0]
+        copy.position = position
         cursor = conn.execute(_ROWS_SQL)
         while rows := cursor.fetchmany(_LOAD_BATCH):
             if stop.is_set():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -65,7 +65,7 @@ def _insert(conn: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
 
 
 @pytest.fixture
-def database(tmp_path: Path) -> Iterator[Path]:
+def database(tmp_path: Path) -> Path:
     path = tmp_path / "sidecar.db"
     conn = open_database(str(path))
     _insert(conn, ROWS)
@@ -74,7 +74,7 @@ def database(tmp_path: Path) -> Iterator[Path]:
         " VALUES ('shop-deleted-customer', 1, 1, 'test')"
     )
     conn.close()
-    yield path
+    return path
 
 
 class Lookups:
@@ -117,7 +117,7 @@ class Lookups:
 
 
 @pytest.fixture
-async def lookups(database: Path) -> Iterator[Lookups]:
+async def lookups(database: Path) -> AsyncIterator[Lookups]:
     both = Lookups(database, [0])
     await both.load()
     yield both
