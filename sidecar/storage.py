@@ -224,6 +224,10 @@ def read_entitlement(
     # Positional arguments, and a comparison rather than bool(): both cost
     # less, and this runs for every lookup until the table is in memory.
     plan, status, trial_end, current_term_end, updated_at, deleted = row
+    wrong = _unreadable_column(plan, status, trial_end, current_term_end, updated_at)
+    if wrong is not None:
+        # The value itself stays out of the message, which is logged.
+        raise sqlite3.DataError(f"an entitlements row's {wrong} has the wrong type")
     return StoredEntitlement(
         shop_id,
         product,
@@ -234,6 +238,33 @@ def read_entitlement(
         updated_at,
         deleted != 0,
     )
+
+
+def _unreadable_column(
+    plan: object,
+    status: object,
+    trial_end: object,
+    current_term_end: object,
+    updated_at: object,
+) -> str | None:
+    """The first column the entitlement rule cannot read, if any.
+
+    Only a write by hand can store one: the columns' affinity turns what the
+    sidecar writes into text and numbers, but keeps a blob as it is, and text
+    that is no number (a date written out) as text.
+    """
+    if plan is not None and type(plan) is not str:
+        return "plan"
+    if type(status) is not str:
+        return "status"
+    for name, value in (
+        ("trial_end", trial_end),
+        ("current_term_end", current_term_end),
+        ("updated_at", updated_at),
+    ):
+        if value is not None and type(value) is not int and type(value) is not float:
+            return name
+    return None
 
 
 def record_settings_in_use(conn: sqlite3.Connection, grace_s: int) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import socket
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from conftest import (
     signed_headers,
     subscription_event,
 )
+from sidecar.answers import EXTERNAL_CHECK_S
 
 SHOP = "shop-lookup"
 
@@ -144,6 +146,44 @@ async def test_lookup_of_shop_known_only_from_customer_events_is_unknown(
     status, answer = await sidecar.get(f"/entitlement/{SHOP}?product=mymodule")
 
     assert (status, answer["reason"]) == (404, "unknown_shop")
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        "UPDATE entitlements SET trial_end = '31 Dec 2027' WHERE shop_id = ?",
+        "UPDATE entitlements SET current_term_end = x'00ff' WHERE shop_id = ?",
+        "UPDATE entitlements SET plan = x'ff' WHERE shop_id = ?",
+    ],
+)
+async def test_lookup_of_row_written_wrong_by_hand_is_503(
+    sidecar: Running, write: str
+) -> None:
+    # Such values reach the table only from an operator in sqlite3: a lookup
+    # cannot answer from them, and says so as it does for a failing database.
+    await _store_two_products(sidecar)
+    other = "shop-lookup-other"
+    code, _ = await sidecar.post(subscription_event(other, "active"))
+    assert code == 200
+    with sqlite3.connect(sidecar.db) as conn:
+        conn.execute(write, (SHOP,))
+    await asyncio.sleep(2 * EXTERNAL_CHECK_S)
+
+    async with sidecar.session.get(
+        f"{sidecar.lookup_url}/entitlement/{SHOP}?product=mymodule"
+    ) as response:
+        status, retry_after = response.status, response.headers.get("Retry-After")
+        answer = await response.json()
+    other_status, other_answer = await sidecar.get(
+        f"/entitlement/{other}?product=mymodule"
+    )
+
+    assert (status, retry_after, answer) == (
+        503,
+        "1",
+        {"status": 503, "error": "storage unavailable"},
+    )
+    assert (other_status, other_answer["reason"]) == (200, "active")
 
 
 async def test_lookup_of_shop_with_other_product_only_is_unknown(
