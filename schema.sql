@@ -172,9 +172,10 @@ SELECT
     reason,
     datetime(trial_end, 'unixepoch') AS trial_end_utc,
     datetime(current_term_end, 'unixepoch') AS current_term_end_utc,
-    datetime(CASE status
-        WHEN 'in_trial' THEN trial_end + grace_s
-        WHEN 'non_renewing' THEN current_term_end + grace_s
+    datetime(CASE
+        WHEN reason = 'unreadable' THEN NULL
+        WHEN status = 'in_trial' THEN trial_end + grace_s
+        WHEN status = 'non_renewing' THEN current_term_end + grace_s
     END, 'unixepoch') AS entitled_until_utc,
     datetime(updated_at, 'unixepoch') AS updated_at_utc,
     customer_deleted,
@@ -184,6 +185,14 @@ FROM (
         e.*,
         g.grace_s,
         CASE
+            -- What only a write by hand can store, and a lookup answers 503
+            -- for rather than guess what it meant (see storage.py).
+            WHEN typeof(e.plan) NOT IN ('text', 'null')
+                OR typeof(e.status) <> 'text'
+                OR typeof(e.trial_end) IN ('text', 'blob')
+                OR typeof(e.current_term_end) IN ('text', 'blob')
+                OR typeof(e.updated_at) IN ('text', 'blob')
+                THEN 'unreadable'
             WHEN e.customer_deleted THEN 'customer_deleted'
             WHEN e.status = 'active' THEN 'active'
             WHEN e.status = 'in_trial' THEN

@@ -58,15 +58,22 @@ def _add_entitlement_changes(conn: sqlite3.Connection) -> None:
     )
 
 
+def _recreate_views_only(conn: sqlite3.Connection) -> None:
+    """Nothing to do: entitlements_readable now names the rows a lookup cannot
+    read, and every upgrade re-creates the views from schema.sql."""
+
+
 # Version n+1 is reached by MIGRATIONS[n]. Add a step here, and the same
 # change to schema.sql, whenever a table changes. Views and triggers hold no
-# data: every upgrade re-creates them all from schema.sql, after the steps, so
-# they need no step.
+# data: every upgrade re-creates them all from schema.sql, after the steps. A
+# change to them alone still takes a new version, with a step that does
+# nothing, so that existing databases get it.
 MIGRATIONS: dict[int, Migration] = {
     1: _add_settings_in_use,
     2: _add_stream_position,
     3: _copy_customer_deleted,
     4: _add_entitlement_changes,
+    5: _recreate_views_only,
 }
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 

@@ -154,6 +154,7 @@ async def test_lookup_of_shop_known_only_from_customer_events_is_unknown(
         "UPDATE entitlements SET trial_end = '31 Dec 2027' WHERE shop_id = ?",
         "UPDATE entitlements SET current_term_end = x'00ff' WHERE shop_id = ?",
         "UPDATE entitlements SET plan = x'ff' WHERE shop_id = ?",
+        "UPDATE entitlements SET status = x'61' WHERE shop_id = ?",
     ],
 )
 async def test_lookup_of_row_written_wrong_by_hand_is_503(
@@ -161,6 +162,7 @@ async def test_lookup_of_row_written_wrong_by_hand_is_503(
 ) -> None:
     # Such values reach the table only from an operator in sqlite3: a lookup
     # cannot answer from them, and says so as it does for a failing database.
+    # The view the operator reads says the same of that row.
     await _store_two_products(sidecar)
     other = "shop-lookup-other"
     code, _ = await sidecar.post(subscription_event(other, "active"))
@@ -184,6 +186,10 @@ async def test_lookup_of_row_written_wrong_by_hand_is_503(
         {"status": 503, "error": "storage unavailable"},
     )
     assert (other_status, other_answer["reason"]) == (200, "active")
+    assert sidecar.query(
+        "SELECT shop_id, entitled, reason, entitled_until_utc"
+        " FROM entitlements_readable WHERE product = 'mymodule' ORDER BY shop_id"
+    ) == [(SHOP, 0, "unreadable", None), (other, 1, "active", None)]
 
 
 async def test_lookup_of_shop_with_other_product_only_is_unknown(
