@@ -476,49 +476,27 @@ def _beside_bare(
     sidecar: ServerProcess, bare: ServerProcess, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
     log.info("lookups over tcp beside bare aiohttp, both loaded at once")
-    rounds = args.rounds * BESIDE_BARE_ROUNDS_FACTOR
     sides = ((sidecar, args.shops), (bare, args.shops))
-    taken = _rounds_side_by_side(sides, rounds, args.duration)
-    return [
-        {
-            "workload": workload,
-            "connections": MANY_CONNECTIONS,
-            "rounds_taken": rounds,
-            "duration_s": args.duration,
-            **_summary(*taken[workload]),
-        }
-        for workload in WORKLOADS
-    ]
+    return _at_once(sides, args.rounds * BESIDE_BARE_ROUNDS_FACTOR, args.duration)
 
 
 def _scaling(
     main_sidecar: ServerProcess, large: ServerProcess, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
     log.info("lookups at %s shops beside %s", f"{LARGE_SHOPS:,}", f"{args.shops:,}")
-    rounds = args.rounds * SCALING_ROUNDS_FACTOR
     sides = ((large, LARGE_SHOPS), (main_sidecar, args.shops))
     _side_by_side(sides, "cold", 3 * WARM_UP_S)
-    taken = _rounds_side_by_side(sides, rounds, args.duration)
-    return [
-        {
-            "workload": workload,
-            "connections": MANY_CONNECTIONS,
-            "shops": LARGE_SHOPS,
-            "ceiling_shops": args.shops,
-            "rounds_taken": rounds,
-            "duration_s": args.duration,
-            **_summary(*taken[workload]),
-        }
-        for workload in WORKLOADS
-    ]
+    rows = _at_once(sides, args.rounds * SCALING_ROUNDS_FACTOR, args.duration)
+    return [{**row, "shops": LARGE_SHOPS, "ceiling_shops": args.shops} for row in rows]
 
 
-def _rounds_side_by_side(
+def _at_once(
     sides: tuple[tuple[ServerProcess, int], tuple[ServerProcess, int]],
     rounds: int,
     duration_s: float,
-) -> dict[str, tuple[list[Measured], list[Measured]]]:
-    """Each workload once per round on both servers at once: the runs of each."""
+) -> list[dict[str, Any]]:
+    """Each workload once per round on both servers at once; the second is the
+    ceiling of the first's ratios."""
     taken: dict[str, tuple[list[Measured], list[Measured]]] = {
         workload: ([], []) for workload in WORKLOADS
     }
@@ -528,7 +506,16 @@ def _rounds_side_by_side(
             first, second = _side_by_side(sides, workload, duration_s)
             taken[workload][0].append(first)
             taken[workload][1].append(second)
-    return taken
+    return [
+        {
+            "workload": workload,
+            "connections": MANY_CONNECTIONS,
+            "rounds_taken": rounds,
+            "duration_s": duration_s,
+            **_summary(*taken[workload]),
+        }
+        for workload in WORKLOADS
+    ]
 
 
 def _side_by_side(

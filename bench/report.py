@@ -22,11 +22,26 @@ def markdown(results: dict[str, Any]) -> str:
         f" on core 1; {machine['cpus']} x {machine['cpu']}, Python"
         f" {machine['python']}, {machine['platform']}.",
         _lookups(results["lookups"]),
-        _beside_bare(results["beside_bare"]),
+        _at_once(
+            results["beside_bare"],
+            "lookups, 32 conns, tcp, at once",
+            "bare",
+            "The sidecar and the bare server loaded at once, each by a wrk of its"
+            " own and sharing the server core, for the ratios the targets at 32"
+            " connections are read against.",
+        ),
         _ingest(results["ingest"]),
     ]
     if "scaling" in results:
-        sections.append(_scaling(results["scaling"]))
+        sections.append(
+            _at_once(
+                results["scaling"],
+                f"lookups at {_LARGE_SHOPS:,} shops, 32 conns",
+                "main size",
+                "The same code on two tables, both loaded at once and sharing the"
+                " server core, so that each runs at about half its speed alone.",
+            )
+        )
     sections.append(_memory(results["memory"], results["database"]))
     sections.append(_targets(results))
     if "profiles" in results:
@@ -52,29 +67,27 @@ def _lookups(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _beside_bare(rows: list[dict[str, Any]]) -> str:
+def _at_once(rows: list[dict[str, Any]], heading: str, ceiling: str, how: str) -> str:
+    """A table of two servers loaded at once, the second being the ceiling."""
     lines = [
-        "| lookups, 32 conns, tcp, at once | req/s | bare req/s | x bare"
-        " | middle half of rounds | CPU us/req | bare CPU us/req |",
+        f"| {heading} | req/s | {ceiling} req/s | x {ceiling}"
+        f" | middle half of rounds | CPU us/req | {ceiling} CPU us/req |",
         "|---|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         low, high = _middle_half(row)
-        bare = row["ceiling"]
+        other = row["ceiling"]
         lines.append(
             f"| {row['workload']} | {row['requests_per_s']:,.0f}"
-            f" | {bare['requests_per_s']:,.0f} | {row['ratio']:.2f}"
+            f" | {other['requests_per_s']:,.0f} | {row['ratio']:.2f}"
             f" | {low:.2f} to {high:.2f} | {row['cpu_us_per_request']:.0f}"
-            f" | {bare['cpu_us_per_request']:.0f} |"
+            f" | {other['cpu_us_per_request']:.0f} |"
         )
     first = rows[0]
     lines.append(
-        "\nThe sidecar and the bare server loaded at once, each by a wrk of its"
-        " own, sharing the server core: each figure here is the median of"
-        f" {first['rounds_taken']} rounds of {first['duration_s']:g} s, and each"
-        " ratio the median of the ratios within a round; half of those ratios"
-        " fall in the range given. The targets at 32 connections are read"
-        " against these ratios."
+        f"\n{how} Each figure here is the median of {first['rounds_taken']}"
+        f" rounds of {first['duration_s']:g} s, and each ratio the median of the"
+        " ratios within a round; half of those ratios fall in the range given."
     )
     return "\n".join(lines)
 
@@ -93,30 +106,6 @@ def _ingest(figures: dict[str, Any]) -> str:
             f" | {run['ratio']:.2f} | {run['p50_ms']:.3f} | {run['p99_ms']:.3f}"
             f" | {run['errors']} | {run['cpu_us_per_request']:.0f} |"
         )
-    return "\n".join(lines)
-
-
-def _scaling(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| lookups, 32 conns | req/s at 1,000,000 shops | req/s at main size"
-        " | x main size | middle half of rounds |",
-        "|---|--:|--:|--:|--:|",
-    ]
-    for row in rows:
-        low, high = _middle_half(row)
-        lines.append(
-            f"| {row['workload']} | {row['requests_per_s']:,.0f}"
-            f" | {row['ceiling']['requests_per_s']:,.0f} | {row['ratio']:.2f}"
-            f" | {low:.2f} to {high:.2f} |"
-        )
-    first = rows[0]
-    lines.append(
-        f"\nThe same code on two tables, both loaded at once and sharing the"
-        " server core, so that each runs at about half its speed alone: each"
-        f" figure here is the median of {first['rounds_taken']} rounds of"
-        f" {first['duration_s']:g} s, and each ratio the median of the ratios"
-        " within a round; half of those ratios fall in the last column's range."
-    )
     return "\n".join(lines)
 
 
