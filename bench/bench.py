@@ -495,8 +495,10 @@ def _at_once(
     rounds: int,
     duration_s: float,
 ) -> list[dict[str, Any]]:
-    """Each workload once per round on both servers at once; the second is the
-    ceiling of the first's ratios."""
+    """Load both servers at once, each workload once per round.
+
+    Each row's ratios are the first server's figures over the second's.
+    """
     taken: dict[str, tuple[list[Measured], list[Measured]]] = {
         workload: ([], []) for workload in WORKLOADS
     }
