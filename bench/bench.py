@@ -51,9 +51,8 @@ WORKLOADS = ("hot", "cold")
 # Run against each server before its first measurement, and not reported.
 WARM_UP_S = 1.0
 # Distinct shops asked for (each twice) before reading resident memory: enough
-# to fill the answer cache, and to touch more of the table than the lookup
-# connection's page cache holds, so that the figure is the most the sidecar
-# will use.
+# to fill the answer cache several times over, so that the figure is the most
+# the sidecar will use. (The copy of the table is whole before any figure.)
 SWEEP_SHOPS = 8 * MAX_ANSWERS
 LARGE_SHOPS = 1_000_000
 # Lookups at LARGE_SHOPS are compared with the main table: the same code on
