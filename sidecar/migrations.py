@@ -59,8 +59,11 @@ def _add_entitlement_changes(conn: sqlite3.Connection) -> None:
 
 
 def _recreate_views_only(conn: sqlite3.Connection) -> None:
-    """Nothing to do: entitlements_readable now names the rows a lookup cannot
-    read, and every upgrade re-creates the views from schema.sql."""
+    """Change no table; the version exists for its view.
+
+    Version 6 is where entitlements_readable names the rows a lookup cannot
+    read, and the views come from schema.sql at every upgrade.
+    """
 
 
 # Version n+1 is reached by MIGRATIONS[n]. Add a step here, and the same
