@@ -166,6 +166,25 @@ async def test_signature_timestamp_is_accepted_only_within_five_minutes(
         assert _nothing_stored(sidecar)
 
 
+@pytest.mark.parametrize("digits", [21, 4000, 6000])
+async def test_signature_with_a_timestamp_of_many_digits_is_rejected(
+    sidecar: Running, digits: int
+) -> None:
+    # Far past the window, and past the length int() reads by default.
+    timestamp = "9" * digits
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": timestamp,
+        "webhook-signature": _signature(SECRET, "msg_1", timestamp, BODY),
+    }
+
+    status, answer = await sidecar.post(BODY, headers=headers, sign=False)
+
+    assert status == 401
+    assert "5 minutes" in answer["error"]
+    assert _nothing_stored(sidecar)
+
+
 @pytest.mark.parametrize(
     "timestamp",
     ["", "abc", "{now}.0", "{now}.5", "+{now}", "{now}e0", "0x{now}", "-1", "NaN"],
