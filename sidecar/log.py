@@ -7,11 +7,13 @@ records the right level. JSON lines suit log shippers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import sys
 import time
+from typing import TextIO
 
 webhook = logging.getLogger("sidecar.webhook")
 lookup = logging.getLogger("sidecar.lookup")
@@ -74,10 +76,60 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, separators=(",", ":"))
 
 
+class LoopBatchedHandler(logging.StreamHandler[TextIO]):
+    """A stream handler that writes the lines of one pass of the event loop at once.
+
+    When a commit releases many deliveries together, each logs its line in the
+    same pass of the loop. Written together, they cost one system call and one
+    wake-up of whatever reads the stream (journald), rather than one per line.
+    A record logged where no loop runs (start-up, the database writer's thread)
+    is written at once, after any lines still waiting, so the order holds. A
+    process killed outright loses at most the lines of the pass it was in; an
+    orderly exit writes them, since logging flushes every handler then.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._waiting: list[str] = []
+        # The first waiting record, for handleError to name if the write fails.
+        self._first: logging.LogRecord | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # logging calls this holding the handler's lock, which flush takes too.
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if not self._waiting:
+            self._first = record
+        self._waiting.append(line)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if len(self._waiting) == 1:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if not self._waiting:
+                return
+            lines, self._waiting = self._waiting, []
+            first, self._first = self._first, None
+            try:
+                self.stream.write(self.terminator.join(lines) + self.terminator)
+                self.stream.flush()
+            except Exception:
+                assert first is not None
+                self.handleError(first)
+
+
 def configure(log_format: str, level: str) -> None:
     """Send the sidecar's logs to stderr in the chosen format."""
     under_journal = bool(os.environ.get("JOURNAL_STREAM"))
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LoopBatchedHandler(sys.stderr)
     formatter: logging.Formatter
     if log_format == "json":
         formatter = JsonFormatter(with_time=not under_journal)
