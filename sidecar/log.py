@@ -19,6 +19,11 @@ webhook = logging.getLogger("sidecar.webhook")
 lookup = logging.getLogger("sidecar.lookup")
 server = logging.getLogger("sidecar.server")
 
+# Whether a record's `fields` (its facts by name) are written: only the JSON
+# format shows them, and a line logged for every delivery pays for building
+# them whether they are shown or not.
+fields_shown = True
+
 _SYSLOG_PRIORITY = {
     logging.DEBUG: 7,
     logging.INFO: 6,
@@ -128,6 +133,8 @@ class LoopBatchedHandler(logging.StreamHandler[TextIO]):
 
 def configure(log_format: str, level: str) -> None:
     """Send the sidecar's logs to stderr in the chosen format."""
+    global fields_shown
+    fields_shown = log_format == "json"
     under_journal = bool(os.environ.get("JOURNAL_STREAM"))
     handler = LoopBatchedHandler(sys.stderr)
     formatter: logging.Formatter

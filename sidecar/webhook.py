@@ -247,15 +247,9 @@ def _too_large(sidecar: Sidecar, limit: int) -> web.Response:
 def _log_delivery(
     delivery_id: str, event: Event, result: str, duration_ms: float
 ) -> None:
-    log.webhook.info(
-        "delivery %s type=%s shop=%s product=%s result=%s duration_ms=%.1f",
-        delivery_id,
-        event.event_type,
-        event.shop_id or "-",
-        event.product or "-",
-        result,
-        duration_ms,
-        extra={
+    fields = None
+    if log.fields_shown:
+        fields = {
             "fields": {
                 "delivery_id": delivery_id,
                 "event_type": event.event_type,
@@ -264,7 +258,16 @@ def _log_delivery(
                 "result": result,
                 "duration_ms": round(duration_ms, 2),
             }
-        },
+        }
+    log.webhook.info(
+        "delivery %s type=%s shop=%s product=%s result=%s duration_ms=%.1f",
+        delivery_id,
+        event.event_type,
+        event.shop_id or "-",
+        event.product or "-",
+        result,
+        duration_ms,
+        extra=fields,
     )
 
 
