@@ -10,7 +10,8 @@ import signal
 import sqlite3
 import stat
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -28,6 +29,7 @@ from .storage import (
     record_settings_in_use,
 )
 from .types import Clock
+from .webhook_server import WebhookServer
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -46,13 +48,14 @@ class Server:
         self.secrets = secrets
         self.clock = clock
         self.sidecar: Sidecar | None = None
-        self._runners: list[web.ServerRunner] = []
+        self._lookups: web.ServerRunner | None = None
         self._reader: sqlite3.Connection | None = None
         self._writer: Writer | None = None
         self._maintenance: Maintenance | None = None
         self._billing: BillingClient | None = None
         self._fetcher: Fetcher | None = None
         self._in_flight: webhook.InFlight | None = None
+        self._webhooks: WebhookServer | None = None
         self._cluster: Cluster | None = None
 
     async def start(self) -> None:
@@ -106,42 +109,43 @@ class Server:
             self.sidecar.metrics.note_applied(last_applied)
 
         self._in_flight = webhook.InFlight()
-        handler_options: dict[str, Any] = {
-            "access_log": None,
-            # Also closes a connection whose request headers trickle in slower
-            # than this, so slow clients cannot pile up.
-            "keepalive_timeout": self.settings.read_timeout_seconds,
-        }
-        await self._listen(
-            webhook.create_server(self.sidecar, self._in_flight, **handler_options),
-            settings.webhook_bind,
+        self._webhooks = WebhookServer(
+            webhook.Deliveries(self.sidecar, self._in_flight),
+            max_body_bytes=settings.max_body_bytes,
+            read_timeout_s=settings.read_timeout_seconds,
         )
-        await self._listen(
-            lookup.create_server(self.sidecar, **handler_options),
-            settings.lookup_bind,
-        )
+        await _listen(self._webhooks.start, settings.webhook_bind)
+        await _listen(self._start_lookups, settings.lookup_bind)
         self.sidecar.ready = True
 
-    async def _listen(self, server: web.Server, bind: Listen) -> None:
-        # stop() drains deliveries itself first; what is still running after
-        # that is cancelled without a second wait.
+    async def _start_lookups(self, bind: Listen) -> None:
+        assert self.sidecar is not None
+        server = lookup.create_server(
+            self.sidecar,
+            access_log=None,
+            # Also closes a connection whose request headers trickle in slower
+            # than this, so slow clients cannot pile up.
+            keepalive_timeout=self.settings.read_timeout_seconds,
+        )
+        # Lookups take microseconds: any still running when stop() closes this
+        # listener get a short wait, then are cancelled.
         runner = web.ServerRunner(server, shutdown_timeout=CANCEL_AFTER_DRAIN_S)
         await runner.setup()
-        self._runners.append(runner)
+        self._lookups = runner
         site: web.BaseSite
         if bind.is_unix:
-            _remove_stale_socket(bind.path)
             site = web.UnixSite(runner, bind.path)
         else:
             site = web.TCPSite(runner, bind.host, bind.port)
         await site.start()
-        if bind.is_unix:
-            # Who may connect is decided by the directory the socket sits in.
-            os.chmod(bind.path, 0o666)
 
     def address(self, index: int) -> str:
         """The bound address of listener `index` (0 webhook, 1 lookup)."""
-        sockname = self._runners[index].addresses[0]
+        if index == 0:
+            assert self._webhooks is not None
+            return self._webhooks.address
+        assert self._lookups is not None
+        sockname = self._lookups.addresses[0]
         if isinstance(sockname, str):
             return f"unix:{sockname}"
         host, port = sockname[0], sockname[1]
@@ -151,14 +155,16 @@ class Server:
         """Stop accepting, finish in-flight requests, commit, close; idempotent."""
         if self.sidecar is not None:
             self.sidecar.ready = False
-        runners, self._runners = self._runners, []
-        # Close the listening sockets, then let deliveries already being
-        # handled finish, bodies still arriving included: aiohttp's own
-        # shutdown stops reading from every connection at once.
-        for runner in runners:
-            for site in list(runner.sites):
+        webhooks, self._webhooks = self._webhooks, None
+        lookups, self._lookups = self._lookups, None
+        # Stop accepting, then let deliveries already being handled finish,
+        # bodies still arriving included, before closing any connection.
+        if webhooks is not None:
+            webhooks.stop_accepting()
+        if lookups is not None:
+            for site in list(lookups.sites):
                 await site.stop()
-        if runners and self._in_flight is not None:
+        if webhooks is not None and self._in_flight is not None:
             drain_s = max(
                 0.0, self.settings.shutdown_timeout_seconds - CANCEL_AFTER_DRAIN_S
             )
@@ -168,7 +174,10 @@ class Server:
                     self._in_flight.count,
                     drain_s,
                 )
-        await asyncio.gather(*(runner.cleanup() for runner in runners))
+        if webhooks is not None:
+            await webhooks.close(CANCEL_AFTER_DRAIN_S)
+        if lookups is not None:
+            await lookups.cleanup()
         # Fetches still running belong to lookups that have been answered or
         # dropped; they must end before the writer they store through.
         if self._fetcher is not None:
@@ -188,6 +197,15 @@ class Server:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+async def _listen(start: Callable[[Listen], Awaitable[None]], bind: Listen) -> None:
+    if bind.is_unix:
+        _remove_stale_socket(bind.path)
+    await start(bind)
+    if bind.is_unix:
+        # Who may connect is decided by the directory the socket sits in.
+        os.chmod(bind.path, 0o666)
 
 
 def _cluster(sidecar: Sidecar) -> Cluster:

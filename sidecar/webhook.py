@@ -1,11 +1,9 @@
 """The webhook listener: authenticate, parse, record, answer.
 
 Checks run in a fixed order (size, authentication, JSON, event type, shop id),
-and nothing is answered 2xx before the database has committed it.
-
-Like the lookup listener, it runs on aiohttp's low-level server and matches
-its two routes itself: at a few thousand deliveries a second, an
-Application's router and handler chain are a measurable share of each one.
+and nothing is answered 2xx before the database has committed it. The HTTP
+side (reading requests, the body limit, timeouts, keep-alive) is
+webhook_server.py's; this module decides what each request gets.
 """
 
 from __future__ import annotations
@@ -19,10 +17,10 @@ import time
 from typing import Any
 
 import pydantic_core
-from aiohttp import web
+from multidict import CIMultiDict
 
 from . import log
-from .app import Sidecar, error_response, json_response, path_parameter
+from .app import Sidecar, path_parameter
 from .auth import delivery_id_header
 from .events import Event, EventError, parse_event
 from .storage import (
@@ -31,97 +29,74 @@ from .storage import (
     record_delivery,
     record_quarantine,
 )
+from .webhook_server import Reply, Request, error_reply, json_reply
 
 # Delivery ids become log fields and database keys: printable ASCII, no spaces.
 _DELIVERY_ID = re.compile(r"[\x21-\x7e]{1,200}")
-RETRY_AFTER_S = "5"
+_RETRY_AFTER = (("Retry-After", "5"),)
 # The two routes: POST /webhooks, and POST /webhooks/<type> for the earlier
 # body dialect. A type is one path segment, as aiohttp's router reads one.
 _ROUTE = re.compile(r"/webhooks(?:/([^{}/]+))?")
 
 
-def create_server(
-    sidecar: Sidecar, in_flight: InFlight, **handler_options: Any
-) -> web.Server:
-    """The webhook listener's request handler, on aiohttp's low-level server."""
-    limit = sidecar.settings.max_body_bytes
-    max_in_flight = sidecar.settings.max_webhook_connections
-    loop = asyncio.get_running_loop()
+class Deliveries:
+    """The webhook listener's side of each request: admit it, then record it."""
 
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        route = _ROUTE.fullmatch(request.rel_url.path_safe)
-        if route is None:
-            return error_response(404, "Not Found")
-        if request.method != "POST":
-            return error_response(405, "Method Not Allowed", {"Allow": "POST"})
+    def __init__(self, sidecar: Sidecar, in_flight: InFlight) -> None:
+        self.sidecar = sidecar
+        self.in_flight = in_flight
+        self.limit = sidecar.settings.max_body_bytes
+        self.max_in_flight = sidecar.settings.max_webhook_connections
+
+    def admit(self, method: str, path: str, headers: CIMultiDict[str]) -> Reply | None:
+        if _ROUTE.fullmatch(path) is None:
+            return error_reply(404, "Not Found")
+        if method != "POST":
+            return error_reply(405, "Method Not Allowed", (("Allow", "POST"),))
+        # Each request in progress holds its body in memory and, soon, a place
+        # in the writer's queue; capping them keeps a flood of slow senders
+        # from tying up either. Connections still sending their headers are
+        # closed by the read timeout instead.
+        if self.in_flight.count >= self.max_in_flight:
+            log.webhook.warning(
+                "refused a delivery: %d already in progress", self.max_in_flight
+            )
+            return error_reply(503, "too many deliveries in progress", _RETRY_AFTER)
+        self.in_flight.acquire()
+        return None
+
+    def done(self) -> None:
+        self.in_flight.release()
+
+    def too_large(self) -> Reply:
+        self.sidecar.metrics.count_delivery("other", "rejected_413")
+        log.webhook.warning("refused a delivery larger than %d bytes", self.limit)
+        return error_reply(413, f"the body is larger than {self.limit} bytes")
+
+    async def handle(self, request: Request) -> Reply:
+        route = _ROUTE.fullmatch(request.path)
+        assert route is not None, "admit() refuses any other path"
         url_event_type = route[1]
         if url_event_type is not None:
             url_event_type = path_parameter(url_event_type)
-        # Each request in progress holds a connection; capping them keeps a
-        # flood of slow senders from tying up memory and the writer queue.
-        # Connections that have not finished sending their headers are closed
-        # by the keep-alive timeout instead.
-        if in_flight.count >= max_in_flight:
-            log.webhook.warning(
-                "refused a delivery: %d already in progress", max_in_flight
-            )
-            return error_response(
-                503, "too many deliveries in progress", {"Retry-After": RETRY_AFTER_S}
-            )
-        with in_flight:
-            return await receive(sidecar, request, url_event_type)
-
-    def make_request(
-        message: Any, payload: Any, protocol: Any, writer: Any, task: Any
-    ) -> web.BaseRequest:
-        # The Application would set this from client_max_size; here each
-        # request carries it, so that read() refuses a longer body.
-        return web.BaseRequest(
-            message,
-            payload,
-            protocol,
-            writer,
-            task,
-            loop,
-            client_max_size=limit,
-        )
-
-    return web.Server(handle, request_factory=make_request, **handler_options)
+        return await receive(self.sidecar, request, url_event_type)
 
 
 async def receive(
-    sidecar: Sidecar, request: web.BaseRequest, url_event_type: str | None
-) -> web.Response:
+    sidecar: Sidecar, request: Request, url_event_type: str | None
+) -> Reply:
     started = time.perf_counter()
     received_at = int(sidecar.clock())
+    headers = request.headers
+    body = request.body
 
-    limit = sidecar.settings.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        return _too_large(sidecar, limit)
-    try:
-        if request.content.is_eof():
-            # All of it has arrived, so the read cannot be slow.
-            body = await request.read()
-        else:
-            async with asyncio.timeout(sidecar.settings.read_timeout_seconds):
-                body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return _too_large(sidecar, limit)
-    except TimeoutError:
-        log.webhook.warning("refused a delivery whose body arrived too slowly")
-        return error_response(408, "the body did not arrive in time")
-    except ConnectionResetError:
-        # Nobody is left to answer; the sender will retry the whole delivery.
-        log.webhook.warning("a sender closed its connection before its body arrived")
-        return error_response(400, "the connection closed before the body arrived")
-
-    auth = sidecar.authenticator.check(request.headers, body)
+    auth = sidecar.authenticator.check(headers, body)
     if not auth.ok:
         sidecar.metrics.auth_failures.labels(auth.method).inc()
         log.webhook.warning("refused a delivery: %s", auth.reason)
-        return error_response(401, auth.reason)
+        return error_reply(401, auth.reason)
 
-    delivery_id = delivery_id_header(request.headers)
+    delivery_id = delivery_id_header(headers)
     if delivery_id is None:
         delivery_id = hashlib.sha256(body).hexdigest()
     elif not _DELIVERY_ID.fullmatch(delivery_id):
@@ -159,9 +134,7 @@ async def receive(
             outcome = await sidecar.cluster.publish(delivery, url_event_type)
     except StorageUnavailable as exc:
         log.webhook.error("delivery %s not stored: %s", delivery_id, exc)
-        return error_response(
-            503, "storage unavailable; retry later", {"Retry-After": RETRY_AFTER_S}
-        )
+        return error_reply(503, "storage unavailable; retry later", _RETRY_AFTER)
 
     if outcome.result == "applied":
         sidecar.metrics.note_applied(sidecar.clock())
@@ -179,7 +152,7 @@ async def receive(
     )
     # 'accepted': in the shared stream, not yet applied on this host.
     status = 202 if outcome.result == "accepted" else 200
-    return json_response({"result": outcome.result, "delivery_id": delivery_id}, status)
+    return json_reply({"result": outcome.result, "delivery_id": delivery_id}, status)
 
 
 def decode_body(body: bytes) -> Any:
@@ -221,7 +194,7 @@ async def _quarantine(
     status: int,
     reason: str,
     body: bytes,
-) -> web.Response:
+) -> Reply:
     try:
         await sidecar.writer.submit(
             lambda conn: record_quarantine(
@@ -230,18 +203,10 @@ async def _quarantine(
         )
     except StorageUnavailable as exc:
         log.webhook.error("refused delivery %s not kept: %s", delivery_id, exc)
-        return error_response(
-            503, "storage unavailable; retry later", {"Retry-After": RETRY_AFTER_S}
-        )
+        return error_reply(503, "storage unavailable; retry later", _RETRY_AFTER)
     sidecar.metrics.count_delivery("other", f"rejected_{status}")
     log.webhook.warning("quarantined delivery %s: %s", delivery_id, reason)
-    return error_response(status, reason)
-
-
-def _too_large(sidecar: Sidecar, limit: int) -> web.Response:
-    sidecar.metrics.count_delivery("other", "rejected_413")
-    log.webhook.warning("refused a delivery larger than %d bytes", limit)
-    return error_response(413, f"the body is larger than {limit} bytes")
+    return error_reply(status, reason)
 
 
 def _log_delivery(
@@ -279,11 +244,11 @@ class InFlight:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def __enter__(self) -> None:
+    def acquire(self) -> None:
         self.count += 1
         self._idle.clear()
 
-    def __exit__(self, *exc_info: object) -> None:
+    def release(self) -> None:
         self.count -= 1
         if self.count == 0:
             self._idle.set()
