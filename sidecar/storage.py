@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -287,63 +288,74 @@ def last_applied_at(conn: sqlite3.Connection) -> int | None:
 
 
 class Writer:
-    """Serialises every write through one connection, committing in batches."""
+    """Serialises every write through one connection, committing in batches.
+
+    The connection belongs to one thread that commits back to back: as soon
+    as a commit is done it takes everything queued meanwhile into the next,
+    without waiting for the event loop to hand it over. The loop only queues
+    jobs and, once a commit is done, answers the futures of its batch.
+    """
 
     def __init__(self, path: str, busy_timeout_ms: int) -> None:
         self._path = path
         self._busy_timeout_ms = busy_timeout_ms
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        # Jobs with their futures; a thread-safe queue, since the writer's
+        # thread takes from it while the loop puts into it.
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._conn: sqlite3.Connection | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Transactions this writer has tried to commit, whatever their outcome.
         self.commits = 0
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._conn = await loop.run_in_executor(
-            self._executor, open_database, self._path, self._busy_timeout_ms
+        self._loop = asyncio.get_running_loop()
+        self._conn = await asyncio.to_thread(
+            open_database, self._path, self._busy_timeout_ms
         )
-        self._task = asyncio.create_task(self._run(), name="sqlite-writer")
+        self._thread = threading.Thread(
+            target=self._run, name="sqlite-writer", daemon=True
+        )
+        self._thread.start()
 
     async def submit(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run `job` inside a committed transaction; raise StorageUnavailable."""
-        if self._task is None:
+        if self._thread is None:
             raise StorageUnavailable("the database writer is not running")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((job, future))
+        self._queue.put((job, future))
         return await future
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _run(self) -> None:
+        """The writer's thread: commit what is queued, until told to stop."""
+        loop = self._loop
+        assert loop is not None
         stopping = False
         while not stopping:
-            batch = [await self._queue.get()]
-            while not self._queue.empty() and len(batch) < MAX_BATCH:
-                batch.append(self._queue.get_nowait())
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
             stopping = batch[-1] is _STOP
             batch = [item for item in batch if item is not _STOP]
             if not batch:
                 continue
+            outcome: list[Any] | Exception
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self._commit, [job for job, _ in batch]
-                )
+                outcome = self._commit([job for job, _ in batch])
             except Exception as exc:
-                if not isinstance(exc, sqlite3.Error):
-                    log.exception("unexpected error in the database writer")
-                error = StorageUnavailable(_describe_sqlite_error(exc))
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            finally:
-                # Counted before any request of the batch is answered, so that
-                # whatever is answered next knows the database may have changed.
-                self.commits += 1
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+                outcome = exc
+            # Counted once the commit is over and before any request of the
+            # batch is answered, so that whatever is answered next knows the
+            # database may have changed.
+            self.commits += 1
+            try:
+                loop.call_soon_threadsafe(_settle, batch, outcome)
+            except RuntimeError:
+                # The loop is closed: nobody is left to answer.
+                return
 
     def _commit(self, jobs: list[Job]) -> list[Any]:
         conn = self._conn
@@ -362,14 +374,30 @@ class Writer:
 
     async def close(self) -> None:
         """Commit what is queued, then close the connection; safe to call twice."""
-        if self._task is not None:
-            task, self._task = self._task, None
-            self._queue.put_nowait(_STOP)
-            await task
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
+            self._queue.put(_STOP)
+            await asyncio.to_thread(thread.join)
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
-        self._executor.shutdown(wait=True)
+            await asyncio.to_thread(conn.close)
+
+
+def _settle(
+    batch: list[tuple[Job, asyncio.Future[Any]]], outcome: list[Any] | Exception
+) -> None:
+    """On the loop: answer each future of a batch with the commit's outcome."""
+    if isinstance(outcome, Exception):
+        if not isinstance(outcome, sqlite3.Error):
+            log.error("unexpected error in the database writer", exc_info=outcome)
+        error = StorageUnavailable(_describe_sqlite_error(outcome))
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(error)
+        return
+    for (_, future), result in zip(batch, outcome, strict=True):
+        if not future.done():
+            future.set_result(result)
 
 
 def _describe_sqlite_error(exc: Exception) -> str:
