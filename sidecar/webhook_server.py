@@ -42,6 +42,10 @@ from .settings import Listen
 # What llhttp does not limit by itself: a request's line and headers together.
 MAX_HEAD_BYTES = 32 * 1024
 MAX_HEADERS = 100
+# llhttp hands a header over only once it has ended, and until then httptools
+# holds what has arrived of it: a header that never ends is refused once this
+# much of an unfinished head has arrived, separators included.
+MAX_HEAD_RECEIVED = 2 * MAX_HEAD_BYTES
 
 
 @dataclass(slots=True)
@@ -181,6 +185,11 @@ class _Connection(asyncio.Protocol):
         self.broken = False
         # The request being parsed.
         self.in_message = False
+        # Whether its line and headers have all arrived; until they have, the
+        # bytes received since the last head ended (give or take the one chunk
+        # that also held the end of the request before).
+        self.head_done = False
+        self.head_received = 0
         self.url = b""
         self.head_bytes = 0
         self.header_list: list[tuple[str, str]] = []
@@ -220,6 +229,8 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.broken:
             return
+        if not self.head_done:
+            self.head_received += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -236,6 +247,9 @@ class _Connection(asyncio.Protocol):
             self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError:
             self._fail(400, "malformed HTTP request")
+        else:
+            if not self.head_done and self.head_received > MAX_HEAD_RECEIVED:
+                self._fail(431, "the request line and headers are too large")
 
     def close(self) -> None:
         self._close()
@@ -270,6 +284,8 @@ class _Connection(asyncio.Protocol):
         )
 
     def on_headers_complete(self) -> None:
+        self.head_done = True
+        self.head_received = 0
         self.on_deadline = None
         if self.dropping:
             return
@@ -317,6 +333,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.in_message = False
+        self.head_done = False
         if self.dropping:
             self._close_when_done()
             return

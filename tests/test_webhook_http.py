@@ -204,6 +204,9 @@ async def test_answers_carry_a_date_and_no_server_banner(client: Client) -> None
             431,
         ),
         (b"POST /webhooks?" + b"q" * 40_000 + b" HTTP/1.1\r\n\r\n", 431),
+        # A header that never ends is refused as it grows, not at its end.
+        (b"POST /webhooks HTTP/1.1\r\nX-Big: " + b"a" * 100_000, 431),
+        (b"POST /webhooks HTTP/1.1\r\n" + b"X" * 100_000, 431),
         (
             b"POST /webhooks HTTP/1.1\r\nConnection: Upgrade\r\n"
             b"Upgrade: websocket\r\nContent-Length: 0\r\n\r\n",
