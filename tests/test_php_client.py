@@ -32,10 +32,16 @@ def _php() -> str:
     return found
 
 
-async def run_example(target: str, shop_id: str, *flags: str) -> dict[str, Any]:
+async def run_example(
+    target: str, shop_id: str, *flags: str, timeout_ms: int = 5000
+) -> dict[str, Any]:
+    # The sidecar under test runs in pytest's own process, where one garbage
+    # collection of the whole session can take longer than the client's
+    # default limit of 100 ms; only the timeout test below relies on a limit.
     proc = await asyncio.create_subprocess_exec(
         _php(),
         str(EXAMPLE_PHP),
+        f"--timeout-ms={timeout_ms}",
         *flags,
         target,
         shop_id,
@@ -90,10 +96,10 @@ async def test_php_client_known_shop_reports_entitlement(
 ) -> None:
     result = await run_example(target, shop_id, "--product=mymodule")
 
+    assert result["error"] is None
     assert result["entitled"] is entitled
     assert result["entitlement"]["status"] == status
     assert result["entitlement"]["shop_id"] == shop_id
-    assert result["error"] is None
 
 
 async def test_php_client_unknown_shop_is_not_entitled(target: str) -> None:
@@ -106,8 +112,7 @@ async def test_php_client_default_product_differs_from_module(target: str) -> No
     # The seeded subscriptions belong to "mymodule", not the default product.
     result = await run_example(target, ACTIVE_SHOP)
 
-    assert result["entitled"] is False
-    assert result["entitlement"] is None
+    assert result == {"entitled": False, "entitlement": None, "error": None}
 
 
 def _closed_tcp_target() -> str:
@@ -137,6 +142,30 @@ async def test_php_client_sidecar_down_follows_policy(
     assert result["error"]
 
 
+@pytest.mark.parametrize(("policy", "entitled"), [("deny", False), ("allow", True)])
+async def test_php_client_gives_up_on_a_sidecar_that_never_answers(
+    policy: str, entitled: bool
+) -> None:
+    # Accepts the connection and never answers; each writer is kept, as one
+    # that is collected may close its connection.
+    writers: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(
+        lambda reader, writer: writers.append(writer), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        result = await run_example(
+            f"http://127.0.0.1:{port}",
+            ACTIVE_SHOP,
+            f"--on-unavailable={policy}",
+            timeout_ms=200,
+        )
+
+    assert result["entitled"] is entitled
+    assert result["entitlement"] is None
+    assert "did not answer within 200 ms" in result["error"]
+
+
 async def test_php_client_default_policy_denies_when_down() -> None:
     result = await run_example(_closed_tcp_target(), ACTIVE_SHOP)
 
@@ -157,10 +186,7 @@ async def test_php_client_billing_api_unreachable_on_miss_follows_policy(
 
         # Long enough for the sidecar's retries of the API to run out.
         result = await run_example(
-            sidecar.lookup_url,
-            UNKNOWN_SHOP,
-            f"--on-unavailable={policy}",
-            "--timeout-ms=5000",
+            sidecar.lookup_url, UNKNOWN_SHOP, f"--on-unavailable={policy}"
         )
 
     assert result["entitled"] is entitled
