@@ -342,10 +342,13 @@ class Writer:
             batch = [item for item in batch if item is not _STOP]
             if not batch:
                 continue
-            outcome: list[Any] | Exception
+            outcome: list[Any] | BaseException
             try:
                 outcome = self._commit([job for job, _ in batch])
-            except Exception as exc:
+            except BaseException as exc:
+                # Whatever it is, it ends with this batch: raised out of the
+                # thread, it would end the writer and leave every later
+                # delivery waiting for an answer that never comes.
                 outcome = exc
             # Counted once the commit is over and before any request of the
             # batch is answered, so that whatever is answered next knows the
@@ -384,10 +387,10 @@ class Writer:
 
 
 def _settle(
-    batch: list[tuple[Job, asyncio.Future[Any]]], outcome: list[Any] | Exception
+    batch: list[tuple[Job, asyncio.Future[Any]]], outcome: list[Any] | BaseException
 ) -> None:
     """On the loop: answer each future of a batch with the commit's outcome."""
-    if isinstance(outcome, Exception):
+    if isinstance(outcome, BaseException):
         if not isinstance(outcome, sqlite3.Error):
             log.error("unexpected error in the database writer", exc_info=outcome)
         error = StorageUnavailable(_describe_sqlite_error(outcome))
@@ -400,7 +403,7 @@ def _settle(
             future.set_result(result)
 
 
-def _describe_sqlite_error(exc: Exception) -> str:
+def _describe_sqlite_error(exc: BaseException) -> str:
     # sqlite3 messages name the condition ("database or disk is full",
     # "database is locked") and never the data, so they are safe to log.
     return f"{type(exc).__name__}: {exc}"

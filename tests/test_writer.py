@@ -52,14 +52,18 @@ async def test_concurrent_writes_share_commits_and_each_gets_its_result(
     assert writer.commits - commits_before < 200
 
 
+@pytest.mark.parametrize("error", [ValueError("a bug in a job"), SystemExit(1)])
 async def test_a_failing_job_fails_its_batch_and_the_writer_goes_on(
-    writer: Writer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    writer: Writer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    error: BaseException,
 ) -> None:
     def broken(conn: sqlite3.Connection) -> None:
-        raise ValueError("a bug in a job")
+        raise error
 
     with pytest.raises(StorageUnavailable):
-        await writer.submit(broken)
+        await asyncio.wait_for(writer.submit(broken), 5)
 
     # Not a database error: logged with its traceback for whoever fixes it.
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
